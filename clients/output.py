@@ -1,0 +1,44 @@
+"""Writing a generation's result to disk: the media files plus a sidecar JSON per file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from services.proto.chitu.v1 import common_pb2, generation_pb2
+
+
+def result_summary(result: generation_pb2.GenerationResult, params: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar: request parameters, settings used, timings, warnings."""
+    timings = result.timings
+    return {
+        **params,
+        "seed": result.seed, "width": result.width, "height": result.height, "frames": result.frames,
+        "steps": result.steps, "guidance_scale": round(result.guidance_scale, 6),
+        "warnings": list(result.warnings), "metadata": dict(result.metadata),
+        "timings": {
+            "total_seconds": timings.total_seconds, "queue_seconds": timings.queue_seconds,
+            "stages": {common_pb2.Stage.Name(s.stage).removeprefix("STAGE_").lower():
+                       {"seconds": s.seconds, "endpoint": s.endpoint} for s in timings.stages},
+            "step_seconds": list(timings.step_seconds),
+        },
+    }
+
+
+def write_result(out_dir: Path, request_id: str, result: generation_pb2.GenerationResult,
+                 params: dict[str, Any]) -> list[Path]:
+    """Write ``out_dir/<request_id>/<artifact>`` and ``<artifact stem>.json``; return the media paths."""
+    folder = out_dir / request_id
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = result_summary(result, {"request_id": request_id, **params})
+    paths = []
+    for art in result.artifacts:
+        path = folder / art.name
+        path.write_bytes(art.data)
+        meta = {**summary, "artifact": {k: v for k, v in MessageToDict(art).items() if k != "data"}}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        paths.append(path)
+    return paths

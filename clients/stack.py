@@ -1,0 +1,219 @@
+"""The whole stack as local processes: per checkpoint an encoder, a denoiser group and a VAE, plus one orchestrator.
+
+Each service is its own process (``python -m clients.cli serve <stage> --config FILE``) on an ephemeral loopback
+port that it writes to a ready file once SERVING; the orchestrator gets the resulting route table. Used by
+``chitu up``, ``chitu run`` and the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.config import ConfigError
+from services.log import get_logger
+from services.registry import load_adapter
+
+log = get_logger(__name__)
+
+STAGES = ("encoder", "denoiser", "vae")
+
+
+@dataclasses.dataclass
+class StackConfig:
+    """What ``chitu up`` starts."""
+
+    checkpoints: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Model name -> diffusers checkpoint folder; empty means the embedded default model."""
+    listen: str = "127.0.0.1:50051"
+    """Address of the orchestrator (the public API)."""
+    device: str = "auto"
+    """Device of every stage (``cpu``, ``cuda``, ``auto``)."""
+    dtype: str = "auto"
+    """Weight dtype of every stage."""
+    log_level: str = "info"
+    """Log level of every service."""
+    start_timeout_seconds: float = 300.0
+    """How long services may take to become SERVING."""
+    stage_overrides: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """Extra ``key=value`` config overrides per stage kind (``encoder``, ``denoiser``, ``vae``, ``orchestrator``)."""
+
+    def validate(self) -> None:
+        for name, path in self.checkpoints.items():
+            if not (Path(path) / "model_index.json").is_file():
+                raise ConfigError(f"checkpoint {name}={path} is not a diffusers folder (no model_index.json)")
+        if ":" not in self.listen:
+            raise ConfigError(f"listen={self.listen!r} must be host:port")
+
+
+@dataclasses.dataclass
+class Service:
+    kind: str
+    name: str
+    config_path: Path
+    ready_file: Path
+    log_path: Path
+    process: subprocess.Popen | None = None
+    address: str = ""
+
+
+class LocalStack:
+    """Start, wait for, and stop the services of a local stack."""
+
+    def __init__(self, config: StackConfig, workdir: str | Path | None = None):
+        config.validate()
+        self.config = config
+        self._tmp = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="chitu-stack-")
+            workdir = self._tmp.name
+        self.workdir = Path(workdir)
+        self.log_dir = self.workdir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.services: list[Service] = []
+        self.address = ""
+        self.models: list[str] = []
+
+    # -- configs ---------------------------------------------------------------------------------------------------
+    def _write(self, kind: str, name: str, data: dict[str, Any]) -> Service:
+        cfg_path = self.workdir / "configs" / f"{kind}-{name}.yaml"
+        cfg_path.parent.mkdir(parents=True, exist_ok=True)
+        ready = self.workdir / "ready" / f"{kind}-{name}"
+        ready.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            ready.unlink()
+        data = {**data, "server": {**data.get("server", {}), "ready_file": str(ready),
+                                   "log_level": self.config.log_level}}
+        cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return Service(kind, name, cfg_path, ready, self.log_dir / f"{kind}-{name}.log")
+
+    def _launch(self, svc: Service) -> None:
+        cmd = [sys.executable, "-m", "clients.cli", "serve", svc.kind, "--config", str(svc.config_path)]
+        for override in self.config.stage_overrides.get(svc.kind, []):
+            cmd += ["--set", override]
+        log_file = open(svc.log_path, "ab")  # noqa: SIM115 - handed to the child, closed on stop
+        svc.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                       cwd=str(Path(__file__).resolve().parent.parent), env=os.environ.copy())
+        svc._log_file = log_file  # type: ignore[attr-defined]
+        self.services.append(svc)
+
+    def _wait_ready(self, services: list[Service]) -> None:
+        deadline = time.monotonic() + self.config.start_timeout_seconds
+        pending = list(services)
+        while pending:
+            for svc in list(pending):
+                if svc.ready_file.is_file():
+                    svc.address = svc.ready_file.read_text().strip()
+                    pending.remove(svc)
+                elif svc.process is not None and svc.process.poll() is not None:
+                    raise RuntimeError(f"{svc.kind} service {svc.name!r} exited with code {svc.process.returncode}; "
+                                       f"log {svc.log_path}:\n{_tail(svc.log_path)}")
+            if time.monotonic() > deadline:
+                names = [f"{s.kind}-{s.name}" for s in pending]
+                raise TimeoutError(f"services {names} not SERVING after {self.config.start_timeout_seconds}s; "
+                                   f"logs in {self.log_dir}")
+            time.sleep(0.05)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    def start(self) -> str:
+        """Start every service and return the orchestrator's address once the whole stack is SERVING."""
+        checkpoints = self.config.checkpoints
+        if not checkpoints:
+            from services.assets import default_checkpoint
+
+            path = default_checkpoint()
+            checkpoints = {path.name: str(path)}
+        try:
+            stage_services = []
+            for name, path in checkpoints.items():
+                load_adapter(path)  # fail early on an unsupported family
+                model = {"name": name, "checkpoint": str(Path(path).resolve()), "device": self.config.device,
+                         "dtype": self.config.dtype}
+                for kind in STAGES:
+                    svc = self._write(kind, name, {"model": model})
+                    self._launch(svc)
+                    stage_services.append(svc)
+            self._wait_ready(stage_services)
+            host, port = self.config.listen.rsplit(":", 1)
+            routes = [{"model": name, **{kind: [s.address for s in stage_services if s.kind == kind and s.name == name]
+                                         for kind in STAGES}} for name in checkpoints]
+            orch = self._write("orchestrator", "main", {"server": {"host": host, "port": int(port)}, "routes": routes})
+            self._launch(orch)
+            self._wait_ready([orch])
+            self.address = orch.address
+            self.models = list(checkpoints)
+            return self.address
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM every service (they drain), then SIGKILL what is left after ``grace`` seconds."""
+        for svc in reversed(self.services):
+            if svc.process is not None and svc.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(svc.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for svc in self.services:
+            if svc.process is None:
+                continue
+            try:
+                svc.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(svc.process.pid, signal.SIGKILL)
+                svc.process.wait()
+            svc._log_file.close()  # type: ignore[attr-defined]
+        self.services.clear()
+
+    def kill(self, svc: Service, sig: int = signal.SIGKILL) -> int:
+        """Signal one service and wait for it to exit; returns its exit code."""
+        assert svc.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(svc.process.pid, sig)
+        return svc.process.wait(timeout=60)
+
+    def restart(self, svc: Service) -> None:
+        """Start a stopped service again on the same address (its config is rewritten with the old port)."""
+        assert svc.process is not None and svc.process.poll() is not None, "stop the service first"
+        svc._log_file.close()  # type: ignore[attr-defined]
+        data = yaml.safe_load(svc.config_path.read_text())
+        data["server"]["port"] = int(svc.address.rsplit(":", 1)[1])
+        svc.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        with contextlib.suppress(FileNotFoundError):
+            svc.ready_file.unlink()
+        self.services.remove(svc)
+        self._launch(svc)
+        self._wait_ready([svc])
+
+    def service(self, kind: str, name: str | None = None) -> Service:
+        for svc in self.services:
+            if svc.kind == kind and (name is None or svc.name == name):
+                return svc
+        raise KeyError(f"no {kind} service {name or ''}")
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"

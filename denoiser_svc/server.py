@@ -1,0 +1,112 @@
+"""DenoiserService: proto <-> domain types; everything else happens in the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from denoiser_svc.config import DenoiserServiceConfig
+from denoiser_svc.engine import DenoiserEngine
+from denoiser_svc.executor import Executor, UniProcExecutor
+from denoiser_svc.types import DenoiseJob, LatentsEvent, StepEvent
+from services import codec
+from services.errors import InvalidArgument
+from services.families.base import SamplingParams
+from services.log import bind_request, get_logger, setup_logging
+from services.proto.chitu.v1 import denoiser_pb2, denoiser_pb2_grpc
+from services.registry import load_adapter
+from services.server import ServiceHost
+from services.stage import check_model, stage_info
+
+log = get_logger(__name__)
+
+SERVICE_NAME = "chitu.v1.DenoiserService"
+
+
+class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
+    def __init__(self, config: DenoiserServiceConfig, executor: Executor):
+        self.config = config
+        self.adapter = load_adapter(config.model.checkpoint)
+        self.executor = executor
+        self.engine = DenoiserEngine(config.engine, executor)
+        self.max_bytes = config.server.max_tensor_bytes
+
+    async def load(self) -> None:
+        await self.executor.start()
+        await self.engine.start()
+
+    def to_job(self, request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
+        check_model(request.model, self.config.model)
+        params = SamplingParams(width=request.width, height=request.height, steps=request.steps,
+                                guidance_scale=request.guidance_scale, seed=request.seed, frames=max(request.frames, 1))
+        self.adapter.validate_params(params)
+        end = request.end_step or params.steps
+        if not 0 <= request.start_step < end <= params.steps:
+            raise InvalidArgument(f"start_step={request.start_step}, end_step={request.end_step} must satisfy "
+                                  f"0 <= start_step < end_step <= steps={params.steps}")
+        conds = codec.named_from_proto(request.conditionings, self.max_bytes, "conditionings")
+        if not conds:
+            raise InvalidArgument("conditionings must not be empty (encode the prompt first)")
+        negs = codec.named_from_proto(request.negative_conditionings, self.max_bytes, "negative_conditionings")
+        initial = None
+        if request.HasField("initial_latents"):
+            initial = codec.from_proto(request.initial_latents, self.max_bytes, "initial_latents")
+        return DenoiseJob(request_id=request.request_id, params=params, conditionings=conds,
+                          negative_conditionings=negs, initial_latents=initial, start_step=request.start_step,
+                          end_step=end)
+
+    async def Denoise(self, request: denoiser_pb2.DenoiseRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[denoiser_pb2.DenoiseResponse]:
+        with bind_request(request.request_id or "-"):
+            job = self.to_job(request)
+            chunk_bytes = request.latent_chunk_bytes or self.config.engine.latent_chunk_bytes
+            async for event in self.engine.submit(job):
+                if isinstance(event, StepEvent):
+                    yield denoiser_pb2.DenoiseResponse(progress=denoiser_pb2.DenoiseProgress(
+                        step=event.step, total_steps=event.total_steps, step_seconds=event.seconds))
+                elif isinstance(event, LatentsEvent):
+                    for chunk in codec.iter_chunks("latents", event.latents, chunk_bytes):
+                        yield denoiser_pb2.DenoiseResponse(latents_chunk=chunk)
+                    yield denoiser_pb2.DenoiseResponse(summary=denoiser_pb2.DenoiseSummary(
+                        step_seconds=event.step_seconds, total_seconds=event.total_seconds,
+                        queue_seconds=event.queue_seconds))
+            log.info("denoise_done", steps=job.end_step - job.start_step)
+
+    async def GetDenoiserInfo(self, request: denoiser_pb2.GetDenoiserInfoRequest,
+                              context: grpc.aio.ServicerContext) -> denoiser_pb2.GetDenoiserInfoResponse:
+        metadata = {**self.executor.describe(), **{k: str(v) for k, v in self.engine.counts().items()},
+                    "component": self.config.component}
+        info = stage_info(self.config.model, self.adapter, "denoiser", self.executor_dtype, self.executor_device,
+                          components=(self.config.component, "scheduler"), metadata=metadata)
+        return denoiser_pb2.GetDenoiserInfoResponse(info=info)
+
+    @property
+    def executor_device(self):
+        return self.executor.describe().get("device", "")
+
+    @property
+    def executor_dtype(self):
+        return self.executor.describe().get("dtype", "")
+
+
+def make_executor(config: DenoiserServiceConfig) -> Executor:
+    return UniProcExecutor(config)
+
+
+async def serve(config: DenoiserServiceConfig) -> None:
+    setup_logging("denoiser", config.server.log_level, config.server.log_file)
+    executor = make_executor(config)
+    servicer = DenoiserServicer(config, executor)
+    host = ServiceHost("denoiser", config.server, [SERVICE_NAME])
+    denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, host.server)
+    try:
+        await host.run(servicer.load)
+    finally:
+        await servicer.engine.stop()
+        await executor.shutdown()
+
+
+def main(config: DenoiserServiceConfig) -> None:
+    asyncio.run(serve(config))

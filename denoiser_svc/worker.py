@@ -1,0 +1,121 @@
+"""Worker: one per device. Owns the device, the loaded transformer and the resident state of every active
+request (latents stay here between steps). The contract (vLLM-style): init_device, load_model,
+compile_or_warm_up_model, add_request, execute_step, finish_request, abort_request, check_health, shutdown."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from denoiser_svc.config import DenoiserServiceConfig
+from denoiser_svc.runner import ModelRunner
+from denoiser_svc.types import DenoiseJob
+from services.errors import FailedPrecondition
+from services.families.base import DenoiseState, SamplingParams, resolve_device, resolve_dtype
+from services.log import get_logger
+from services.registry import load_adapter
+
+log = get_logger(__name__)
+
+
+@dataclass
+class StepHandle:
+    """Completion of one launched step. On CUDA the step runs asynchronously between two recorded events and
+    ``wait`` blocks on the end event only (no tensor is read); on the CPU the step is done when launched."""
+
+    start: torch.cuda.Event | None = None
+    end: torch.cuda.Event | None = None
+    cpu_seconds: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.end is None or self.end.query()
+
+    def wait(self) -> float:
+        """Block until the step is done; return its duration (device time between the events on CUDA)."""
+        if self.end is None:
+            return self.cpu_seconds
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000.0
+
+
+class Worker:
+    def __init__(self, config: DenoiserServiceConfig, rank: int = 0, world_size: int = 1):
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.adapter = load_adapter(config.model.checkpoint)
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.runner: ModelRunner | None = None
+        self.states: dict[str, DenoiseState] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def init_device(self) -> None:
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
+
+    def load_model(self) -> None:
+        model = self.adapter.load_denoiser(self.dtype, self.device, self.config.component)
+        self.runner = ModelRunner(self.adapter, model)
+        log.info("denoiser_loaded", family=self.adapter.family, component=self.config.component,
+                 device=str(self.device), dtype=str(self.dtype), rank=self.rank)
+
+    def warmup_job(self) -> DenoiseJob | None:
+        """A two-step request at the model's default size with synthetic conditioning (None if the family
+        cannot synthesise conditioning)."""
+        assert self.runner is not None, "load_model first"
+        conds = self.adapter.warmup_conditionings(self.runner.model)
+        if conds is None:
+            return None
+        lim = self.adapter.limits()
+        params = SamplingParams(width=lim.default_width, height=lim.default_height, steps=2,
+                                guidance_scale=lim.default_guidance_scale, seed=0, frames=lim.default_frames)
+        return DenoiseJob(request_id="warmup", params=params, conditionings=conds[0], negative_conditionings=conds[1],
+                          start_step=0, end_step=2)
+
+    def compile_or_warm_up_model(self, job: DenoiseJob | None) -> None:
+        if job is None:
+            return
+        self.add_request(job)
+        try:
+            for step in range(job.start_step, job.end_step):
+                self.execute_step(job.request_id, step).wait()
+        finally:
+            self.abort_request(job.request_id)
+
+    def check_health(self) -> None:
+        if self.runner is None:
+            raise FailedPrecondition("denoiser model is not loaded")
+
+    def shutdown(self) -> None:
+        self.states.clear()
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def add_request(self, job: DenoiseJob) -> None:
+        assert self.runner is not None, "load_model first"
+        self.states[job.request_id] = self.runner.prepare(job)
+
+    def execute_step(self, request_id: str, step: int) -> StepHandle:
+        assert self.runner is not None, "load_model first"
+        state = self.states[request_id]
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.runner.step(state, step)
+            end.record()
+            return StepHandle(start, end)
+        t0 = time.perf_counter()
+        self.runner.step(state, step)
+        return StepHandle(cpu_seconds=time.perf_counter() - t0)
+
+    def finish_request(self, request_id: str) -> torch.Tensor:
+        state = self.states.pop(request_id)
+        return state.latents.detach().to("cpu")
+
+    def abort_request(self, request_id: str) -> None:
+        self.states.pop(request_id, None)

@@ -1,0 +1,1 @@
+"""Text-encoder stage: tokenizers + text encoders of one checkpoint, served over gRPC."""

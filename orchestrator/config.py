@@ -1,0 +1,61 @@
+"""Configuration of the orchestrator: the route table and limits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.config import ConfigError, ServerConfig
+
+
+@dataclasses.dataclass
+class RouteConfig:
+    """Where one model's stages live. Several models may list the same encoder or VAE endpoints (a shared pool)."""
+
+    model: str = ""
+    """Model name clients use."""
+    encoder: list[str] = dataclasses.field(default_factory=list)
+    """``host:port`` of each text-encoder replica."""
+    denoiser: list[str] = dataclasses.field(default_factory=list)
+    """``host:port`` of each denoiser group (rank 0)."""
+    vae: list[str] = dataclasses.field(default_factory=list)
+    """``host:port`` of each VAE replica."""
+    max_inflight: int = 4
+    """Generations of this model in the stages at once; more wait in the orchestrator's queue."""
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("routes[].model must be set")
+        for stage in ("encoder", "denoiser", "vae"):
+            if not getattr(self, stage):
+                raise ConfigError(f"route {self.model!r}: {stage} needs at least one endpoint")
+            for ep in getattr(self, stage):
+                if ":" not in ep:
+                    raise ConfigError(f"route {self.model!r}: {stage} endpoint {ep!r} must be host:port")
+        if self.max_inflight < 1:
+            raise ConfigError(f"route {self.model!r}: max_inflight must be >= 1")
+
+
+@dataclasses.dataclass
+class OrchestratorConfig:
+    """``chitu serve orchestrator --config FILE``."""
+
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    """Listening address of the public API."""
+    routes: list[RouteConfig] = dataclasses.field(default_factory=list)
+    """One entry per served model."""
+    health_interval_seconds: float = 1.0
+    """How often each stage endpoint's health is checked."""
+    max_queued_per_model: int = 256
+    """Requests waiting per model beyond ``max_inflight``; more are refused with RESOURCE_EXHAUSTED."""
+    default_deadline_seconds: float = 3600.0
+    """Deadline applied to stage calls when the client sets none."""
+
+    def validate(self) -> None:
+        if not self.routes:
+            raise ConfigError("routes must list at least one model")
+        names = [r.model for r in self.routes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"routes: model(s) {dupes} listed twice")
+        if self.health_interval_seconds <= 0:
+            raise ConfigError("health_interval_seconds must be > 0")

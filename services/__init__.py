@@ -1,0 +1,1 @@
+"""Runtime shared by every stage service: config, tensor codec, gRPC bootstrap, logging, model registry."""

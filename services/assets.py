@@ -1,0 +1,47 @@
+"""The embedded default model: what ``chitu up`` serves with no arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = Path.home() / ".cache" / "chitu" / "checkpoints"
+TINY_DEFAULT_NAME = "tiny-flux"
+TINY_DEFAULTS = {"width": 128, "height": 128, "steps": 8, "guidance_scale": 3.5, "max_size": 1024}
+
+
+def build_tiny(family: str, out_dir: Path, seed: int = 0) -> Path:
+    """Build a tiny checkpoint of ``family`` atomically (into a temporary folder, then renamed)."""
+    from services.tiny import builders
+
+    builder = builders().get(family)
+    if builder is None:
+        raise ValueError(f"no tiny checkpoint builder for family {family!r}; known: {sorted(builders())}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        builder(tmp, seed=seed)
+        defaults_path = tmp / "chitu.json"
+        if not defaults_path.exists():
+            defaults_path.write_text(json.dumps(TINY_DEFAULTS, indent=2) + "\n")
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "model_index.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def default_checkpoint() -> Path:
+    """The embedded default model folder, building the tiny Flux checkpoint into the cache if needed."""
+    path = CACHE_DIR / TINY_DEFAULT_NAME
+    if not (path / "model_index.json").is_file():
+        build_tiny("flux", path)
+    return path

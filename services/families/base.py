@@ -1,0 +1,231 @@
+"""The family adapter contract: everything model-family-specific lives behind it.
+
+A family adapter is built for one checkpoint folder (it reads ``model_index.json`` and component configs, never
+weights) and tells each stage what to load and how to run it, reusing the family's diffusers pipeline helpers
+(``encode_prompt``, ``prepare_latents``, packing/unpacking, timestep schedules) so that the split services compute
+exactly what the pipeline computes in one process. No code outside ``services/families`` checks model names.
+
+Stage contract, in the order a generation uses it:
+
+- encoder stage: ``load_encoder`` -> ``encode`` (conditioning tensors by name, negative ones for true CFG);
+- denoiser stage: ``load_denoiser`` -> ``prepare`` (initial latents, schedule, per-branch forward inputs built
+  once) -> per step ``forward`` (one transformer call for one CFG branch), ``combine`` (CFG mixing),
+  ``scheduler_step``;
+- VAE stage: ``load_vae`` -> ``decode`` (uint8 frames, ``[F, H, W, 3]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from services.errors import InvalidArgument
+
+Branch = Literal["cond", "uncond"]
+BRANCHES: tuple[Branch, Branch] = ("cond", "uncond")
+
+GuidanceKind = Literal["distilled", "cfg", "none"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits of a served model (mirrors ``chitu.v1.ModelLimits``)."""
+
+    size_multiple: int
+    min_size: int
+    max_size: int
+    max_prompt_tokens: int
+    guidance_kind: GuidanceKind
+    default_steps: int
+    default_guidance_scale: float
+    default_width: int
+    default_height: int
+    supports_video: bool = False
+    frame_multiple: int = 1
+    max_frames: int = 1
+    default_frames: int = 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated settings of one generation, defaults filled in."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    frames: int = 1
+
+
+@dataclass
+class EncodedPrompt:
+    """Output of the encoder stage."""
+
+    conditionings: dict[str, torch.Tensor]
+    negative_conditionings: dict[str, torch.Tensor] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+@dataclass
+class DenoiseState:
+    """Per-request state of the denoising loop, identical on every rank of a denoiser group.
+
+    ``branch_inputs`` holds the transformer's keyword inputs that do not change across steps, per CFG branch,
+    built once in ``prepare``. ``latents`` is replaced after every ``scheduler_step``.
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    scheduler: Any
+    branch_inputs: dict[str, dict[str, Any]]
+    guidance_scale: float
+    do_cfg: bool
+    start_step: int
+    end_step: int
+    total_steps: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def branches(self) -> tuple[Branch, ...]:
+        return BRANCHES if self.do_cfg else ("cond",)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+class FamilyAdapter(ABC):
+    """Base class of the per-family adapters (one module per family in ``services/families``)."""
+
+    family: ClassVar[str]
+    """Short family name (``flux``, ``wan``, ...)."""
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    """``_class_name`` values in model_index.json that this adapter serves."""
+    encoder_components: ClassVar[tuple[str, ...]]
+    """Checkpoint components the encoder stage loads."""
+    denoiser_components: ClassVar[tuple[str, ...]]
+    """Checkpoint components the denoiser stage loads (the expert's transformer is chosen by ``component``)."""
+    vae_components: ClassVar[tuple[str, ...]]
+    """Checkpoint components the VAE stage loads."""
+    guidance_kind: ClassVar[GuidanceKind]
+    """How guidance_scale is used."""
+
+    def __init__(self, checkpoint: str | Path):
+        self.checkpoint = Path(checkpoint)
+        self.model_index = read_json(self.checkpoint / "model_index.json")
+
+    # -- facts ---------------------------------------------------------------------------------------------------
+    def component_config(self, component: str) -> dict[str, Any]:
+        folder = self.checkpoint / component
+        for name in ("config.json", "scheduler_config.json"):
+            if (folder / name).is_file():
+                return read_json(folder / name)
+        raise FileNotFoundError(f"{folder} has no config.json")
+
+    def has_component(self, component: str) -> bool:
+        entry = self.model_index.get(component)
+        return isinstance(entry, list) and entry[0] is not None and (self.checkpoint / component).is_dir()
+
+    @abstractmethod
+    def limits(self) -> Limits:
+        """Request limits derived from the checkpoint's configs."""
+
+    def stage_components(self, stage: str) -> tuple[str, ...]:
+        return {"encoder": self.encoder_components, "denoiser": self.denoiser_components,
+                "vae": self.vae_components}[stage]
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """Raise InvalidArgument naming the field when ``params`` do not fit this model."""
+        lim = self.limits()
+        for name, value in (("width", params.width), ("height", params.height)):
+            if value % lim.size_multiple:
+                raise InvalidArgument(f"{name}={value} must be a multiple of {lim.size_multiple} for the "
+                                      f"{self.family} family")
+            if not lim.min_size <= value <= lim.max_size:
+                raise InvalidArgument(f"{name}={value} must be in [{lim.min_size}, {lim.max_size}]")
+        if not 1 <= params.steps <= 1000:
+            raise InvalidArgument(f"steps={params.steps} must be in [1, 1000]")
+        if params.guidance_scale < 0 or params.guidance_scale != params.guidance_scale:
+            raise InvalidArgument(f"guidance_scale={params.guidance_scale} must be >= 0")
+        if lim.supports_video:
+            if params.frames < 1 or (params.frames - 1) % lim.frame_multiple or params.frames > lim.max_frames:
+                raise InvalidArgument(f"frames={params.frames} must be k*{lim.frame_multiple}+1 and at most "
+                                      f"{lim.max_frames} for the {self.family} family")
+        elif params.frames != 1:
+            raise InvalidArgument(f"frames={params.frames}: {self.family} generates images; leave frames at 0 or 1")
+
+    # -- encoder stage ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load_encoder(self, dtype: torch.dtype, device: torch.device) -> Any:
+        """Load only tokenizers and text encoders; return the handle ``encode`` takes."""
+
+    @abstractmethod
+    def encode(self, model: Any, prompt: str, negative_prompt: str | None, max_sequence_length: int = 0) -> EncodedPrompt:
+        """Encode a prompt (and the negative prompt when not None) as the family's pipeline does."""
+
+    # -- denoiser stage --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load_denoiser(self, dtype: torch.dtype, device: torch.device, component: str = "transformer") -> Any:
+        """Load only the transformer (``component``) and the scheduler config; return the handle for ``prepare``."""
+
+    @abstractmethod
+    def prepare(self, model: Any, params: SamplingParams, conditionings: dict[str, torch.Tensor],
+                negative_conditionings: dict[str, torch.Tensor], initial_latents: torch.Tensor | None,
+                start_step: int, end_step: int) -> DenoiseState:
+        """Build the request's state: initial latents (seeded as the pipeline does), schedule, branch inputs."""
+
+    @abstractmethod
+    def forward(self, model: Any, state: DenoiseState, latents: torch.Tensor, step: int, branch: Branch) -> torch.Tensor:
+        """One transformer call for one CFG branch at step index ``step``; returns the model prediction."""
+
+    def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """Synthetic (conditionings, negative_conditionings) of the right shapes for a start-up warm-up run."""
+        return None
+
+    def combine(self, state: DenoiseState, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance mixing of the two branch predictions."""
+        return uncond + state.guidance_scale * (cond - uncond)
+
+    def scheduler_step(self, state: DenoiseState, noise_pred: torch.Tensor, step: int) -> torch.Tensor:
+        return state.scheduler.step(noise_pred, state.timesteps[step], state.latents, return_dict=False)[0]
+
+    # -- VAE stage -------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load_vae(self, dtype: torch.dtype, device: torch.device) -> Any:
+        """Load only the VAE; return the handle ``decode`` takes."""
+
+    @abstractmethod
+    def decode(self, model: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """Decode the denoiser's latents to uint8 frames ``[F, H, W, 3]`` exactly as the pipeline post-processes."""
+
+    # -- helpers shared by adapters ----------------------------------------------------------------------------------
+    @staticmethod
+    def fresh_scheduler(scheduler: Any) -> Any:
+        """A per-request copy of the loaded scheduler (schedulers keep per-run state)."""
+        return copy.deepcopy(scheduler)
+
+    @staticmethod
+    def to_uint8_frames(images: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] floats in [0, 1] -> [N, H, W, C] uint8, rounding as diffusers' ``numpy_to_pil`` does."""
+        arr = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+        return torch.from_numpy((arr * 255).round().astype("uint8"))

@@ -1,0 +1,142 @@
+"""Flux.1 family (FluxPipeline): CLIP pooled + T5 sequence conditioning, packed 2x2 latents, distilled guidance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.errors import InvalidArgument
+from services.families.base import Branch, DenoiseState, EncodedPrompt, FamilyAdapter, Limits, SamplingParams
+from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
+
+
+class FluxAdapter(FamilyAdapter):
+    family = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    encoder_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    denoiser_components = ("transformer", "scheduler")
+    vae_components = ("vae",)
+    guidance_kind = "distilled"
+
+    # -- facts ---------------------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return vae_scale_factor(self)
+
+    @property
+    def max_sequence_length(self) -> int:
+        """T5 token budget: the tokenizer's model_max_length, capped at the pipeline's 512."""
+        cfg_path = self.checkpoint / "tokenizer_2" / "tokenizer_config.json"
+        length = 512
+        if cfg_path.is_file():
+            import json
+
+            length = int(json.loads(cfg_path.read_text()).get("model_max_length", 512))
+        return min(length, 512)
+
+    def limits(self) -> Limits:
+        defaults = checkpoint_defaults(self.checkpoint)
+        multiple = self.vae_scale_factor * 2
+        return Limits(
+            size_multiple=multiple, min_size=multiple, max_size=defaults.get("max_size", 2048),
+            max_prompt_tokens=self.max_sequence_length,
+            guidance_kind="distilled" if self.component_config("transformer").get("guidance_embeds") else "none",
+            default_steps=defaults.get("steps", 28), default_guidance_scale=defaults.get("guidance_scale", 3.5),
+            default_width=defaults.get("width", 1024), default_height=defaults.get("height", 1024),
+        )
+
+    # -- encoder stage ---------------------------------------------------------------------------------------------
+    def load_encoder(self, dtype: torch.dtype, device: torch.device) -> Any:
+        return load_partial_pipeline(self, self.encoder_components, dtype, device)
+
+    def encode(self, model: Any, prompt: str, negative_prompt: str | None, max_sequence_length: int = 0) -> EncodedPrompt:
+        msl = max_sequence_length or self.max_sequence_length
+        n_tokens = len(model.tokenizer_2(prompt).input_ids)
+        if n_tokens > msl:
+            raise InvalidArgument(f"prompt is {n_tokens} tokens long; the limit of this model is {msl} tokens")
+        warnings = []
+        clip_tokens = len(model.tokenizer(prompt).input_ids)
+        if clip_tokens > model.tokenizer_max_length:
+            warnings.append(f"prompt has {clip_tokens} CLIP tokens; the pooled embedding uses the first "
+                            f"{model.tokenizer_max_length}")
+        with torch.inference_mode():
+            prompt_embeds, pooled, _ = model.encode_prompt(prompt=prompt, prompt_2=None, device=model._execution_device,
+                                                           max_sequence_length=msl)
+        return EncodedPrompt({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}, warnings=warnings,
+                             prompt_tokens=n_tokens)
+
+    # -- denoiser stage --------------------------------------------------------------------------------------------
+    def load_denoiser(self, dtype: torch.dtype, device: torch.device, component: str = "transformer") -> Any:
+        if component != "transformer":
+            raise InvalidArgument(f"component={component!r}: the flux family has one transformer ('transformer')")
+        pipe = load_partial_pipeline(self, self.denoiser_components, dtype, device)
+        pipe.vae_scale_factor = self.vae_scale_factor
+        return pipe
+
+    def prepare(self, model: Any, params: SamplingParams, conditionings: dict[str, torch.Tensor],
+                negative_conditionings: dict[str, torch.Tensor], initial_latents: torch.Tensor | None,
+                start_step: int, end_step: int) -> DenoiseState:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        transformer = model.transformer
+        device, dtype = transformer.device, transformer.dtype
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            if name not in conditionings:
+                raise InvalidArgument(f"conditionings lacks {name!r} (got {sorted(conditionings)})")
+        prompt_embeds = conditionings["prompt_embeds"].to(device=device, dtype=dtype)
+        pooled = conditionings["pooled_prompt_embeds"].to(device=device, dtype=dtype)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        latents, image_ids = model.prepare_latents(1, transformer.config.in_channels // 4, params.height, params.width,
+                                                   prompt_embeds.dtype, device, generator, None)
+        if initial_latents is not None:
+            if tuple(initial_latents.shape) != tuple(latents.shape):
+                raise InvalidArgument(f"initial_latents has shape {list(initial_latents.shape)}, expected "
+                                      f"{list(latents.shape)} for {params.width}x{params.height}")
+            latents = initial_latents.to(device=device, dtype=dtype)
+        scheduler = self.fresh_scheduler(model.scheduler)
+        sigmas = np.linspace(1.0, 1 / params.steps, params.steps)
+        cfg = scheduler.config
+        mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(scheduler, params.steps, device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(start_step)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full([1], params.guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
+        inputs = {"guidance": guidance, "pooled_projections": pooled, "encoder_hidden_states": prompt_embeds,
+                  "txt_ids": text_ids, "img_ids": image_ids}
+        return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, branch_inputs={"cond": inputs},
+                            guidance_scale=params.guidance_scale, do_cfg=False, start_step=start_step,
+                            end_step=end_step, total_steps=params.steps)
+
+    def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        cfg = model.transformer.config
+        gen = torch.Generator("cpu").manual_seed(0)
+        return ({"prompt_embeds": torch.randn(1, self.max_sequence_length, cfg.joint_attention_dim, generator=gen),
+                 "pooled_prompt_embeds": torch.randn(1, cfg.pooled_projection_dim, generator=gen)}, {})
+
+    def forward(self, model: Any, state: DenoiseState, latents: torch.Tensor, step: int, branch: Branch) -> torch.Tensor:
+        timestep = state.timesteps[step].expand(latents.shape[0]).to(latents.dtype)
+        return model.transformer(hidden_states=latents, timestep=timestep / 1000, return_dict=False,
+                                 **state.branch_inputs[branch])[0]
+
+    # -- VAE stage -------------------------------------------------------------------------------------------------
+    def load_vae(self, dtype: torch.dtype, device: torch.device) -> Any:
+        return load_partial_pipeline(self, self.vae_components, dtype, device)
+
+    def decode(self, model: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        vae = model.vae
+        expected = (params.height // (model.vae_scale_factor * 2)) * (params.width // (model.vae_scale_factor * 2))
+        if latents.ndim != 3 or latents.shape[1] != expected:
+            raise InvalidArgument(f"latents of shape {list(latents.shape)} do not fit {params.width}x{params.height} "
+                                  f"(expected [B, {expected}, C])")
+        with torch.inference_mode():
+            x = model._unpack_latents(latents.to(device=vae.device, dtype=vae.dtype), params.height, params.width,
+                                      model.vae_scale_factor)
+            x = x / vae.config.scaling_factor + vae.config.shift_factor
+            image = vae.decode(x, return_dict=False)[0]
+            image = model.image_processor.postprocess(image, output_type="pt")
+        return self.to_uint8_frames(image)

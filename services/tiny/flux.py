@@ -1,0 +1,88 @@
+"""Tiny Flux.1 checkpoint: the real classes (FluxTransformer2DModel, AutoencoderKL with 8x downsampling,
+CLIPTextModel, T5EncoderModel, FlowMatchEulerDiscreteScheduler) at toy sizes, saved as a diffusers folder that
+``FluxPipeline.from_pretrained`` loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from services.tiny.tokenizers import make_clip_tokenizer, make_t5_tokenizer
+
+
+def flux_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # Flux.1-dev's scheduler config
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+
+
+def flux_vae(latent_channels: int = 4, widths: tuple[int, ...] = (8, 16, 16, 16), groups: int = 4):
+    from diffusers import AutoencoderKL
+
+    n = len(widths)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1, norm_num_groups=groups, sample_size=128,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        force_upcast=True,
+    )
+
+
+def clip_text_encoder(hidden: int = 32, layers: int = 2, heads: int = 2, projection: int = 32, vocab: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=77, projection_dim=projection,
+                         bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_act="quick_gelu")
+    return CLIPTextModel(cfg)
+
+
+def t5_text_encoder(d_model: int = 32, layers: int = 2, heads: int = 4, vocab: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, d_ff=d_model * 2, num_layers=layers,
+                   num_heads=heads, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                   feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_encoder_decoder=False,
+                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(cfg)
+
+
+def flux_transformer(latent_channels: int = 4, layers: int = 1, single_layers: int = 2, heads: int = 2,
+                     head_dim: int = 16, text_dim: int = 32, pooled_dim: int = 32, guidance: bool = True,
+                     axes: tuple[int, int, int] = (4, 6, 6)):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=latent_channels * 4, out_channels=None, num_layers=layers,
+        num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim, guidance_embeds=guidance,
+        axes_dims_rope=axes,
+    )
+
+
+def make_tiny_flux(out_dir: str | Path, seed: int = 0, max_sequence_length: int = 64) -> Path:
+    """Write a tiny random-weight Flux.1 checkpoint folder and return its path."""
+    from diffusers import FluxPipeline
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = make_clip_tokenizer(77)
+    tokenizer_2 = make_t5_tokenizer(max_sequence_length)
+    pipe = FluxPipeline(
+        scheduler=flux_scheduler(),
+        vae=flux_vae(),
+        text_encoder=clip_text_encoder(vocab=len(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=t5_text_encoder(vocab=len(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+        transformer=flux_transformer(),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny checkpoints (built once per session) and a running local stack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.assets import build_tiny
+
+
+@pytest.fixture(scope="session")
+def checkpoints_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(checkpoints_dir: Path) -> Path:
+    return build_tiny("flux", checkpoints_dir / "tiny-flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def flux_stack(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The four services on loopback ports, serving the tiny Flux checkpoint on the CPU in float32."""
+    from clients.stack import LocalStack, StackConfig
+
+    cfg = StackConfig(checkpoints={"tiny-flux": str(tiny_flux)}, listen="127.0.0.1:0", device="cpu", dtype="float32")
+    stack = LocalStack(cfg, workdir=tmp_path_factory.mktemp("stack"))
+    stack.start()
+    yield stack
+    stack.stop()
