@@ -12,6 +12,7 @@ import torch
 from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.runner import ModelRunner
 from denoiser_svc.types import DenoiseJob
+from services.attention import LOCAL_SDPA, AttentionOps
 from services.errors import FailedPrecondition
 from services.families.base import DenoiseState, SamplingParams, resolve_device, resolve_dtype
 from services.log import get_logger
@@ -50,6 +51,7 @@ class Worker:
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.runner: ModelRunner | None = None
+        self.attention_modules = 0
         self.states: dict[str, DenoiseState] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -61,9 +63,14 @@ class Worker:
 
     def load_model(self) -> None:
         model = self.adapter.load_denoiser(self.dtype, self.device, self.config.component)
+        self.attention_modules = self.adapter.install_attention(model, self.attention_ops())
         self.runner = ModelRunner(self.adapter, model)
         log.info("denoiser_loaded", family=self.adapter.family, component=self.config.component,
                  device=str(self.device), dtype=str(self.dtype), rank=self.rank)
+
+    def attention_ops(self) -> AttentionOps:
+        """The attention calls this rank's processors make (kernel backend; sequence-parallel wrappers)."""
+        return LOCAL_SDPA
 
     def warmup_job(self) -> DenoiseJob | None:
         """A two-step request at the model's default size with synthetic conditioning (None if the family

@@ -182,6 +182,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def ListModels(self, request: generation_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> generation_pb2.ListModelsResponse:
+        await self.endpoints.check_all()  # fresh health and info (memory, queue counters)
         models = []
         for name in sorted(self.routes):
             route = self.routes[name]

@@ -198,6 +198,12 @@ class FamilyAdapter(ABC):
     def forward(self, model: Any, state: DenoiseState, latents: torch.Tensor, step: int, branch: Branch) -> torch.Tensor:
         """One transformer call for one CFG branch at step index ``step``; returns the model prediction."""
 
+    def install_attention(self, model: Any, ops: Any) -> int:
+        """Route every attention module of the loaded transformer through ``ops`` (``services.attention.AttentionOps``:
+        backend choice, sequence parallelism). Returns the number of modules changed; 0 means this family still
+        runs diffusers' own processors (no sequence parallelism, default kernels)."""
+        return 0
+
     def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
         """Synthetic (conditionings, negative_conditionings) of the right shapes for a start-up warm-up run."""
         return None

@@ -112,6 +112,11 @@ class FluxAdapter(FamilyAdapter):
                             guidance_scale=params.guidance_scale, do_cfg=False, start_step=start_step,
                             end_step=end_step, total_steps=params.steps)
 
+    def install_attention(self, model: Any, ops: Any) -> int:
+        from services.families.processors.flux import install
+
+        return install(model.transformer, ops)
+
     def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         cfg = model.transformer.config
         gen = torch.Generator("cpu").manual_seed(0)

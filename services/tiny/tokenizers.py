@@ -8,17 +8,7 @@ from __future__ import annotations
 
 import string
 
-WORDS: tuple[str, ...] = tuple(dict.fromkeys("""
-a an the of on in at to with and or is are be by for from as it its this that one two three some no not
-large small big tiny medium left right center centre middle top bottom upper lower corner side near far
-above below beside next between background foreground plain two-tone tone split half
-red green blue yellow orange purple pink white black gray grey brown cyan magenta teal navy gold silver
-circle square triangle star diamond hexagon heart cross ring dot shape shapes
-cat dog bird tree house car boat sky sea sun moon mountain river city street road forest flower flowers
-photo picture painting drawing image render illustration style art portrait landscape
-beautiful bright dark light colorful colourful simple detailed sharp soft high quality
-man woman person people child face hand hands eye eyes hair holding sign says hello world
-""".split()))
+WORDS: tuple[str, ...] = tuple(dict.fromkeys(["a", "an", "the", "of", "on", "in", "at", "to", "with", "and", "or", "is", "are", "be", "by", "for", "from", "as", "it", "its", "this", "that", "one", "two", "three", "some", "no", "not", "large", "small", "big", "tiny", "medium", "left", "right", "center", "centre", "middle", "top", "bottom", "upper", "lower", "corner", "side", "near", "far", "above", "below", "beside", "next", "between", "background", "foreground", "plain", "two-tone", "tone", "split", "half", "red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black", "gray", "grey", "brown", "cyan", "magenta", "teal", "navy", "gold", "silver", "circle", "square", "triangle", "star", "diamond", "hexagon", "heart", "cross", "ring", "dot", "shape", "shapes", "cat", "dog", "bird", "tree", "house", "car", "boat", "sky", "sea", "sun", "moon", "mountain", "river", "city", "street", "road", "forest", "flower", "flowers", "photo", "picture", "painting", "drawing", "image", "render", "illustration", "style", "art", "portrait", "landscape", "beautiful", "bright", "dark", "light", "colorful", "colourful", "simple", "detailed", "sharp", "soft", "high", "quality", "man", "woman", "person", "people", "child", "face", "hand", "hands", "eye", "eyes", "hair", "holding", "sign", "says", "hello", "world"]))
 
 
 def _chars() -> list[str]:

@@ -147,9 +147,8 @@ def test_tensor_over_cap_is_resource_exhausted(flux_stack) -> None:
             encoder_pb2.EncodeRequest(model="tiny-flux", prompt="a red circle"), timeout=30)
     req = denoiser_pb2.DenoiseRequest(model="tiny-flux", conditionings=enc.conditionings, width=32, height=32,
                                       steps=2, guidance_scale=1.0, seed=0, initial_latents=huge)
-    with grpc.insecure_channel(flux_stack.service("denoiser").address) as ch:
-        with pytest.raises(grpc.RpcError) as info:
-            list(denoiser_pb2_grpc.DenoiserServiceStub(ch).Denoise(req, timeout=30))
+    with grpc.insecure_channel(flux_stack.service("denoiser").address) as ch, pytest.raises(grpc.RpcError) as info:
+        list(denoiser_pb2_grpc.DenoiserServiceStub(ch).Denoise(req, timeout=30))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "initial_latents" in info.value.details() and "cap" in info.value.details()
     _good_request_succeeds(flux_stack)
@@ -160,9 +159,8 @@ def test_malformed_conditioning_is_invalid_argument(flux_stack) -> None:
         dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1, 4, 32], data=b"\0" * 12))
     req = denoiser_pb2.DenoiseRequest(model="tiny-flux", conditionings=[bad], width=32, height=32, steps=2,
                                       guidance_scale=1.0, seed=0)
-    with grpc.insecure_channel(flux_stack.service("denoiser").address) as ch:
-        with pytest.raises(grpc.RpcError) as info:
-            list(denoiser_pb2_grpc.DenoiserServiceStub(ch).Denoise(req, timeout=30))
+    with grpc.insecure_channel(flux_stack.service("denoiser").address) as ch, pytest.raises(grpc.RpcError) as info:
+        list(denoiser_pb2_grpc.DenoiserServiceStub(ch).Denoise(req, timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt_embeds" in info.value.details()
 

@@ -91,9 +91,8 @@ def test_health_not_serving_while_loading(tiny_flux: Path, tmp_path: Path) -> No
 def test_stage_down_is_unavailable_naming_stage_then_recovers(stack: LocalStack) -> None:
     vae = stack.service("vae")
     stack.kill(vae)
-    with ChituClient(stack.address) as c:
-        with pytest.raises(grpc.RpcError) as info:
-            c.generate_result("a red circle", "tiny-flux", GenerateOptions(width=32, height=32, steps=2), timeout=30)
+    with ChituClient(stack.address) as c, pytest.raises(grpc.RpcError) as info:
+        c.generate_result("a red circle", "tiny-flux", GenerateOptions(width=32, height=32, steps=2), timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "vae stage" in info.value.details() and vae.address in info.value.details()
     # the orchestrator's health follows its stages
@@ -151,10 +150,9 @@ def test_sigterm_drains_in_flight_request(stack: LocalStack) -> None:
     den.process.send_signal(signal.SIGTERM)
     # while draining, new work is refused
     time.sleep(0.2)
-    with grpc.insecure_channel(den.address) as ch:
-        with pytest.raises(grpc.RpcError) as info:
-            list(denoiser_pb2_grpc.DenoiserServiceStub(ch).Denoise(denoiser_pb2.DenoiseRequest(model="tiny-flux"),
-                                                                    timeout=5))
+    with grpc.insecure_channel(den.address) as ch, pytest.raises(grpc.RpcError) as info:
+        list(denoiser_pb2_grpc.DenoiserServiceStub(ch).Denoise(denoiser_pb2.DenoiseRequest(model="tiny-flux"),
+                                                                timeout=5))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     worker.join(120)
     assert "error" not in results, results.get("error")
