@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("request_id", "model", "conditionings", "negative_conditionings", "width", "height", "frames", "steps", "guidance_scale", "seed", "start_step", "end_step", "initial_latents", "latent_chunk_bytes")
+    __slots__ = ("request_id", "model", "conditionings", "negative_conditionings", "width", "height", "frames", "steps", "guidance_scale", "seed", "start_step", "end_step", "initial_latents", "latent_chunk_bytes", "scheduler_state", "return_scheduler_state", "guidance_scale_2")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONDITIONINGS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,9 @@ class DenoiseRequest(_message.Message):
     END_STEP_FIELD_NUMBER: _ClassVar[int]
     INITIAL_LATENTS_FIELD_NUMBER: _ClassVar[int]
     LATENT_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_STATE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_SCHEDULER_STATE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     conditionings: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
@@ -38,7 +41,10 @@ class DenoiseRequest(_message.Message):
     end_step: int
     initial_latents: _tensor_pb2.Tensor
     latent_chunk_bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., conditionings: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., negative_conditionings: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., start_step: _Optional[int] = ..., end_step: _Optional[int] = ..., initial_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., latent_chunk_bytes: _Optional[int] = ...) -> None: ...
+    scheduler_state: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    return_scheduler_state: bool
+    guidance_scale_2: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., conditionings: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., negative_conditionings: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., start_step: _Optional[int] = ..., end_step: _Optional[int] = ..., initial_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., latent_chunk_bytes: _Optional[int] = ..., scheduler_state: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., return_scheduler_state: _Optional[bool] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
 
 class DenoiseProgress(_message.Message):
     __slots__ = ("step", "total_steps", "step_seconds")
@@ -51,7 +57,7 @@ class DenoiseProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., step_seconds: _Optional[float] = ...) -> None: ...
 
 class DenoiseSummary(_message.Message):
-    __slots__ = ("step_seconds", "total_seconds", "queue_seconds", "metadata")
+    __slots__ = ("step_seconds", "total_seconds", "queue_seconds", "metadata", "end_step", "scheduler_state")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,11 +69,15 @@ class DenoiseSummary(_message.Message):
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    END_STEP_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_STATE_FIELD_NUMBER: _ClassVar[int]
     step_seconds: _containers.RepeatedScalarFieldContainer[float]
     total_seconds: float
     queue_seconds: float
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, step_seconds: _Optional[_Iterable[float]] = ..., total_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    end_step: int
+    scheduler_state: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    def __init__(self, step_seconds: _Optional[_Iterable[float]] = ..., total_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., end_step: _Optional[int] = ..., scheduler_state: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class DenoiseResponse(_message.Message):
     __slots__ = ("progress", "latents_chunk", "summary")

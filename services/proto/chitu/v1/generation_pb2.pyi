@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "frames", "steps", "guidance_scale", "seed", "output_formats")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "frames", "steps", "guidance_scale", "seed", "output_formats", "guidance_scale_2", "fps")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,8 @@ class GenerateRequest(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -32,7 +34,9 @@ class GenerateRequest(_message.Message):
     guidance_scale: float
     seed: int
     output_formats: _containers.RepeatedScalarFieldContainer[_vae_pb2.MediaFormat]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_formats: _Optional[_Iterable[_Union[_vae_pb2.MediaFormat, str]]] = ...) -> None: ...
+    guidance_scale_2: float
+    fps: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_formats: _Optional[_Iterable[_Union[_vae_pb2.MediaFormat, str]]] = ..., guidance_scale_2: _Optional[float] = ..., fps: _Optional[float] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
@@ -79,7 +83,7 @@ class Timings(_message.Message):
     def __init__(self, stages: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., step_seconds: _Optional[_Iterable[float]] = ..., total_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerationResult(_message.Message):
-    __slots__ = ("artifacts", "timings", "seed", "warnings", "width", "height", "frames", "steps", "guidance_scale", "metadata")
+    __slots__ = ("artifacts", "timings", "seed", "warnings", "width", "height", "frames", "steps", "guidance_scale", "metadata", "fps", "guidance_scale_2")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +101,8 @@ class GenerationResult(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     artifacts: _containers.RepeatedCompositeFieldContainer[_vae_pb2.Artifact]
     timings: Timings
     seed: int
@@ -107,7 +113,9 @@ class GenerationResult(_message.Message):
     steps: int
     guidance_scale: float
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, artifacts: _Optional[_Iterable[_Union[_vae_pb2.Artifact, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., seed: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    fps: float
+    guidance_scale_2: float
+    def __init__(self, artifacts: _Optional[_Iterable[_Union[_vae_pb2.Artifact, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., seed: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., fps: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "elapsed_seconds", "queued", "stage_started", "stage_finished", "step", "result")

@@ -26,27 +26,27 @@ from services.proto.chitu.v1 import common_pb2 as chitu_dot_v1_dot_common__pb2
 from services.proto.chitu.v1 import tensor_pb2 as chitu_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63hitu/v1/vae.proto\x12\x08\x63hitu.v1\x1a\x15\x63hitu/v1/common.proto\x1a\x15\x63hitu/v1/tensor.proto\"\x95\x01\n\x0c\x44\x65\x63odeHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x05 \x01(\x05\x12&\n\x07\x66ormats\x18\x06 \x03(\x0e\x32\x15.chitu.v1.MediaFormat\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x02\"q\n\rDecodeRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.chitu.v1.DecodeHeaderH\x00\x12.\n\rlatents_chunk\x18\x02 \x01(\x0b\x32\x15.chitu.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x8f\x01\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.chitu.v1.MediaFormat\x12\x11\n\tmime_type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x07 \x01(\x05\"g\n\x0e\x44\x65\x63odeResponse\x12%\n\tartifacts\x18\x01 \x03(\x0b\x32\x12.chitu.v1.Artifact\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x03 \x01(\x01\"\x13\n\x11GetVaeInfoRequest\"<\n\x12GetVaeInfoResponse\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.chitu.v1.StageModelInfo*r\n\x0bMediaFormat\x12\x1c\n\x18MEDIA_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_FORMAT_PNG\x10\x01\x12\x14\n\x10MEDIA_FORMAT_MP4\x10\x02\x12\x19\n\x15MEDIA_FORMAT_RAW_RGB8\x10\x03\x32\x94\x01\n\nVaeService\x12=\n\x06\x44\x65\x63ode\x12\x17.chitu.v1.DecodeRequest\x1a\x18.chitu.v1.DecodeResponse(\x01\x12G\n\nGetVaeInfo\x12\x1b.chitu.v1.GetVaeInfoRequest\x1a\x1c.chitu.v1.GetVaeInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63hitu/v1/vae.proto\x12\x08\x63hitu.v1\x1a\x15\x63hitu/v1/common.proto\x1a\x15\x63hitu/v1/tensor.proto\"\x95\x01\n\x0c\x44\x65\x63odeHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x05 \x01(\x05\x12&\n\x07\x66ormats\x18\x06 \x03(\x0e\x32\x15.chitu.v1.MediaFormat\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x02\"q\n\rDecodeRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.chitu.v1.DecodeHeaderH\x00\x12.\n\rlatents_chunk\x18\x02 \x01(\x0b\x32\x15.chitu.v1.TensorChunkH\x00\x42\x06\n\x04part\"\xb1\x01\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.chitu.v1.MediaFormat\x12\x11\n\tmime_type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x07 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x08 \x01(\x02\x12\x13\n\x0b\x66rame_index\x18\t \x01(\x05\"v\n\x0e\x44\x65\x63odeResponse\x12%\n\tartifacts\x18\x01 \x03(\x0b\x32\x12.chitu.v1.Artifact\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x03 \x01(\x01\x12\r\n\x05tiled\x18\x04 \x01(\x08\"\x13\n\x11GetVaeInfoRequest\"<\n\x12GetVaeInfoResponse\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.chitu.v1.StageModelInfo*r\n\x0bMediaFormat\x12\x1c\n\x18MEDIA_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_FORMAT_PNG\x10\x01\x12\x14\n\x10MEDIA_FORMAT_MP4\x10\x02\x12\x19\n\x15MEDIA_FORMAT_RAW_RGB8\x10\x03\x32\x94\x01\n\nVaeService\x12=\n\x06\x44\x65\x63ode\x12\x17.chitu.v1.DecodeRequest\x1a\x18.chitu.v1.DecodeResponse(\x01\x12G\n\nGetVaeInfo\x12\x1b.chitu.v1.GetVaeInfoRequest\x1a\x1c.chitu.v1.GetVaeInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chitu.v1.vae_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEDIAFORMAT']._serialized_start=679
-  _globals['_MEDIAFORMAT']._serialized_end=793
+  _globals['_MEDIAFORMAT']._serialized_start=728
+  _globals['_MEDIAFORMAT']._serialized_end=842
   _globals['_DECODEHEADER']._serialized_start=79
   _globals['_DECODEHEADER']._serialized_end=228
   _globals['_DECODEREQUEST']._serialized_start=230
   _globals['_DECODEREQUEST']._serialized_end=343
   _globals['_ARTIFACT']._serialized_start=346
-  _globals['_ARTIFACT']._serialized_end=489
-  _globals['_DECODERESPONSE']._serialized_start=491
-  _globals['_DECODERESPONSE']._serialized_end=594
-  _globals['_GETVAEINFOREQUEST']._serialized_start=596
-  _globals['_GETVAEINFOREQUEST']._serialized_end=615
-  _globals['_GETVAEINFORESPONSE']._serialized_start=617
-  _globals['_GETVAEINFORESPONSE']._serialized_end=677
-  _globals['_VAESERVICE']._serialized_start=796
-  _globals['_VAESERVICE']._serialized_end=944
+  _globals['_ARTIFACT']._serialized_end=523
+  _globals['_DECODERESPONSE']._serialized_start=525
+  _globals['_DECODERESPONSE']._serialized_end=643
+  _globals['_GETVAEINFOREQUEST']._serialized_start=645
+  _globals['_GETVAEINFOREQUEST']._serialized_end=664
+  _globals['_GETVAEINFORESPONSE']._serialized_start=666
+  _globals['_GETVAEINFORESPONSE']._serialized_end=726
+  _globals['_VAESERVICE']._serialized_start=845
+  _globals['_VAESERVICE']._serialized_end=993
 # @@protoc_insertion_point(module_scope)

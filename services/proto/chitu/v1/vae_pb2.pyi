@@ -47,7 +47,7 @@ class DecodeRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[DecodeHeader, _Mapping]] = ..., latents_chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class Artifact(_message.Message):
-    __slots__ = ("name", "format", "mime_type", "data", "width", "height", "frames")
+    __slots__ = ("name", "format", "mime_type", "data", "width", "height", "frames", "fps", "frame_index")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,8 @@ class Artifact(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: MediaFormat
     mime_type: str
@@ -62,17 +64,21 @@ class Artifact(_message.Message):
     width: int
     height: int
     frames: int
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[MediaFormat, str]] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ...) -> None: ...
+    fps: float
+    frame_index: int
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[MediaFormat, str]] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., fps: _Optional[float] = ..., frame_index: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("artifacts", "decode_seconds", "encode_seconds")
+    __slots__ = ("artifacts", "decode_seconds", "encode_seconds", "tiled")
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TILED_FIELD_NUMBER: _ClassVar[int]
     artifacts: _containers.RepeatedCompositeFieldContainer[Artifact]
     decode_seconds: float
     encode_seconds: float
-    def __init__(self, artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., decode_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ...) -> None: ...
+    tiled: bool
+    def __init__(self, artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., decode_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., tiled: _Optional[bool] = ...) -> None: ...
 
 class GetVaeInfoRequest(_message.Message):
     __slots__ = ()
