@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from services.proto.chitu.v1 import cache_pb2 as chitu_dot_v1_dot_cache__pb2
 from services.proto.chitu.v1 import common_pb2 as chitu_dot_v1_dot_common__pb2
 from services.proto.chitu.v1 import tensor_pb2 as chitu_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63hitu/v1/denoiser.proto\x12\x08\x63hitu.v1\x1a\x15\x63hitu/v1/common.proto\x1a\x15\x63hitu/v1/tensor.proto\"\xed\x03\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\rconditionings\x18\x03 \x03(\x0b\x32\x15.chitu.v1.NamedTensor\x12\x35\n\x16negative_conditionings\x18\x04 \x03(\x0b\x32\x15.chitu.v1.NamedTensor\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x07 \x01(\x05\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\t \x01(\x02\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\x12\n\nstart_step\x18\x0b \x01(\x05\x12\x10\n\x08\x65nd_step\x18\x0c \x01(\x05\x12)\n\x0finitial_latents\x18\r \x01(\x0b\x32\x10.chitu.v1.Tensor\x12\x1a\n\x12latent_chunk_bytes\x18\x0e \x01(\x05\x12.\n\x0fscheduler_state\x18\x0f \x03(\x0b\x32\x15.chitu.v1.NamedTensor\x12\x1e\n\x16return_scheduler_state\x18\x10 \x01(\x08\x12\x1d\n\x10guidance_scale_2\x18\x11 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_guidance_scale_2\"J\n\x0f\x44\x65noiseProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x03 \x01(\x01\"\x81\x02\n\x0e\x44\x65noiseSummary\x12\x14\n\x0cstep_seconds\x18\x01 \x03(\x01\x12\x15\n\rtotal_seconds\x18\x02 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.chitu.v1.DenoiseSummary.MetadataEntry\x12\x10\n\x08\x65nd_step\x18\x05 \x01(\x05\x12.\n\x0fscheduler_state\x18\x06 \x03(\x0b\x32\x15.chitu.v1.NamedTensor\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x01\n\x0f\x44\x65noiseResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.chitu.v1.DenoiseProgressH\x00\x12.\n\rlatents_chunk\x18\x02 \x01(\x0b\x32\x15.chitu.v1.TensorChunkH\x00\x12+\n\x07summary\x18\x03 \x01(\x0b\x32\x18.chitu.v1.DenoiseSummaryH\x00\x42\x07\n\x05\x65vent\"\x18\n\x16GetDenoiserInfoRequest\"A\n\x17GetDenoiserInfoResponse\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.chitu.v1.StageModelInfo2\xab\x01\n\x0f\x44\x65noiserService\x12@\n\x07\x44\x65noise\x12\x18.chitu.v1.DenoiseRequest\x1a\x19.chitu.v1.DenoiseResponse0\x01\x12V\n\x0fGetDenoiserInfo\x12 .chitu.v1.GetDenoiserInfoRequest\x1a!.chitu.v1.GetDenoiserInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63hitu/v1/denoiser.proto\x12\x08\x63hitu.v1\x1a\x14\x63hitu/v1/cache.proto\x1a\x15\x63hitu/v1/common.proto\x1a\x15\x63hitu/v1/tensor.proto\"\x93\x04\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\rconditionings\x18\x03 \x03(\x0b\x32\x15.chitu.v1.NamedTensor\x12\x35\n\x16negative_conditionings\x18\x04 \x03(\x0b\x32\x15.chitu.v1.NamedTensor\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x07 \x01(\x05\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\t \x01(\x02\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\x12\n\nstart_step\x18\x0b \x01(\x05\x12\x10\n\x08\x65nd_step\x18\x0c \x01(\x05\x12)\n\x0finitial_latents\x18\r \x01(\x0b\x32\x10.chitu.v1.Tensor\x12\x1a\n\x12latent_chunk_bytes\x18\x0e \x01(\x05\x12.\n\x0fscheduler_state\x18\x0f \x03(\x0b\x32\x15.chitu.v1.NamedTensor\x12\x1e\n\x16return_scheduler_state\x18\x10 \x01(\x08\x12\x1d\n\x10guidance_scale_2\x18\x11 \x01(\x02H\x00\x88\x01\x01\x12$\n\x05\x63\x61\x63he\x18\x14 \x01(\x0b\x32\x15.chitu.v1.CachePolicyB\x13\n\x11_guidance_scale_2\"J\n\x0f\x44\x65noiseProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x03 \x01(\x01\"\x81\x02\n\x0e\x44\x65noiseSummary\x12\x14\n\x0cstep_seconds\x18\x01 \x03(\x01\x12\x15\n\rtotal_seconds\x18\x02 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.chitu.v1.DenoiseSummary.MetadataEntry\x12\x10\n\x08\x65nd_step\x18\x05 \x01(\x05\x12.\n\x0fscheduler_state\x18\x06 \x03(\x0b\x32\x15.chitu.v1.NamedTensor\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x01\n\x0f\x44\x65noiseResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.chitu.v1.DenoiseProgressH\x00\x12.\n\rlatents_chunk\x18\x02 \x01(\x0b\x32\x15.chitu.v1.TensorChunkH\x00\x12+\n\x07summary\x18\x03 \x01(\x0b\x32\x18.chitu.v1.DenoiseSummaryH\x00\x42\x07\n\x05\x65vent\"\x18\n\x16GetDenoiserInfoRequest\"A\n\x17GetDenoiserInfoResponse\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.chitu.v1.StageModelInfo2\xab\x01\n\x0f\x44\x65noiserService\x12@\n\x07\x44\x65noise\x12\x18.chitu.v1.DenoiseRequest\x1a\x19.chitu.v1.DenoiseResponse0\x01\x12V\n\x0fGetDenoiserInfo\x12 .chitu.v1.GetDenoiserInfoRequest\x1a!.chitu.v1.GetDenoiserInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +36,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DENOISESUMMARY_METADATAENTRY']._loaded_options = None
   _globals['_DENOISESUMMARY_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DENOISEREQUEST']._serialized_start=84
-  _globals['_DENOISEREQUEST']._serialized_end=577
-  _globals['_DENOISEPROGRESS']._serialized_start=579
-  _globals['_DENOISEPROGRESS']._serialized_end=653
-  _globals['_DENOISESUMMARY']._serialized_start=656
-  _globals['_DENOISESUMMARY']._serialized_end=913
-  _globals['_DENOISESUMMARY_METADATAENTRY']._serialized_start=866
-  _globals['_DENOISESUMMARY_METADATAENTRY']._serialized_end=913
-  _globals['_DENOISERESPONSE']._serialized_start=916
-  _globals['_DENOISERESPONSE']._serialized_end=1082
-  _globals['_GETDENOISERINFOREQUEST']._serialized_start=1084
-  _globals['_GETDENOISERINFOREQUEST']._serialized_end=1108
-  _globals['_GETDENOISERINFORESPONSE']._serialized_start=1110
-  _globals['_GETDENOISERINFORESPONSE']._serialized_end=1175
-  _globals['_DENOISERSERVICE']._serialized_start=1178
-  _globals['_DENOISERSERVICE']._serialized_end=1349
+  _globals['_DENOISEREQUEST']._serialized_start=106
+  _globals['_DENOISEREQUEST']._serialized_end=637
+  _globals['_DENOISEPROGRESS']._serialized_start=639
+  _globals['_DENOISEPROGRESS']._serialized_end=713
+  _globals['_DENOISESUMMARY']._serialized_start=716
+  _globals['_DENOISESUMMARY']._serialized_end=973
+  _globals['_DENOISESUMMARY_METADATAENTRY']._serialized_start=926
+  _globals['_DENOISESUMMARY_METADATAENTRY']._serialized_end=973
+  _globals['_DENOISERESPONSE']._serialized_start=976
+  _globals['_DENOISERESPONSE']._serialized_end=1142
+  _globals['_GETDENOISERINFOREQUEST']._serialized_start=1144
+  _globals['_GETDENOISERINFOREQUEST']._serialized_end=1168
+  _globals['_GETDENOISERINFORESPONSE']._serialized_start=1170
+  _globals['_GETDENOISERINFORESPONSE']._serialized_end=1235
+  _globals['_DENOISERSERVICE']._serialized_start=1238
+  _globals['_DENOISERSERVICE']._serialized_end=1409
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from services.proto.chitu.v1 import cache_pb2 as _cache_pb2
 from services.proto.chitu.v1 import common_pb2 as _common_pb2
 from services.proto.chitu.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
@@ -9,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("request_id", "model", "conditionings", "negative_conditionings", "width", "height", "frames", "steps", "guidance_scale", "seed", "start_step", "end_step", "initial_latents", "latent_chunk_bytes", "scheduler_state", "return_scheduler_state", "guidance_scale_2")
+    __slots__ = ("request_id", "model", "conditionings", "negative_conditionings", "width", "height", "frames", "steps", "guidance_scale", "seed", "start_step", "end_step", "initial_latents", "latent_chunk_bytes", "scheduler_state", "return_scheduler_state", "guidance_scale_2", "cache")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONDITIONINGS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +28,7 @@ class DenoiseRequest(_message.Message):
     SCHEDULER_STATE_FIELD_NUMBER: _ClassVar[int]
     RETURN_SCHEDULER_STATE_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     conditionings: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
@@ -44,7 +46,8 @@ class DenoiseRequest(_message.Message):
     scheduler_state: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     return_scheduler_state: bool
     guidance_scale_2: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., conditionings: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., negative_conditionings: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., start_step: _Optional[int] = ..., end_step: _Optional[int] = ..., initial_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., latent_chunk_bytes: _Optional[int] = ..., scheduler_state: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., return_scheduler_state: _Optional[bool] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
+    cache: _cache_pb2.CachePolicy
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., conditionings: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., negative_conditionings: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., start_step: _Optional[int] = ..., end_step: _Optional[int] = ..., initial_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., latent_chunk_bytes: _Optional[int] = ..., scheduler_state: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., return_scheduler_state: _Optional[bool] = ..., guidance_scale_2: _Optional[float] = ..., cache: _Optional[_Union[_cache_pb2.CachePolicy, _Mapping]] = ...) -> None: ...
 
 class DenoiseProgress(_message.Message):
     __slots__ = ("step", "total_steps", "step_seconds")

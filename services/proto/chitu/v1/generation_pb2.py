@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from services.proto.chitu.v1 import cache_pb2 as chitu_dot_v1_dot_cache__pb2
 from services.proto.chitu.v1 import common_pb2 as chitu_dot_v1_dot_common__pb2
 from services.proto.chitu.v1 import vae_pb2 as chitu_dot_v1_dot_vae__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hitu/v1/generation.proto\x12\x08\x63hitu.v1\x1a\x15\x63hitu/v1/common.proto\x1a\x12\x63hitu/v1/vae.proto\"\xa2\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x12\n\x05width\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06\x66rames\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x05\x88\x01\x01\x12-\n\x0eoutput_formats\x18\x0b \x03(\x0e\x32\x15.chitu.v1.MediaFormat\x12\x1d\n\x10guidance_scale_2\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x10\n\x03\x66ps\x18\r \x01(\x02H\x07\x88\x01\x01\x42\x08\n\x06_widthB\t\n\x07_heightB\t\n\x07_framesB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x13\n\x11_guidance_scale_2B\x06\n\x04_fps\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"@\n\x0cStageStarted\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.chitu.v1.Stage\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\"@\n\rStageFinished\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.chitu.v1.Stage\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"G\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x03 \x01(\x01\"t\n\x07Timings\x12%\n\x06stages\x18\x01 \x03(\x0b\x32\x15.chitu.v1.StageTiming\x12\x14\n\x0cstep_seconds\x18\x02 \x03(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\"\xe7\x02\n\x10GenerationResult\x12%\n\tartifacts\x18\x01 \x03(\x0b\x32\x12.chitu.v1.Artifact\x12\"\n\x07timings\x18\x02 \x01(\x0b\x32\x11.chitu.v1.Timings\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x07 \x01(\x05\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\t \x01(\x02\x12:\n\x08metadata\x18\n \x03(\x0b\x32(.chitu.v1.GenerationResult.MetadataEntry\x12\x0b\n\x03\x66ps\x18\x0b \x01(\x02\x12\x18\n\x10guidance_scale_2\x18\x0c \x01(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x02 \x01(\x01\x12\"\n\x06queued\x18\x03 \x01(\x0b\x32\x10.chitu.v1.QueuedH\x00\x12/\n\rstage_started\x18\x04 \x01(\x0b\x32\x16.chitu.v1.StageStartedH\x00\x12\x31\n\x0estage_finished\x18\x05 \x01(\x0b\x32\x17.chitu.v1.StageFinishedH\x00\x12&\n\x04step\x18\x06 \x01(\x0b\x32\x16.chitu.v1.StepProgressH\x00\x12,\n\x06result\x18\x07 \x01(\x0b\x32\x1a.chitu.v1.GenerationResultH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"y\n\rStageEndpoint\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.chitu.v1.Stage\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\x08\x12&\n\x04info\x18\x04 \x01(\x0b\x32\x18.chitu.v1.StageModelInfo\"\x8e\x01\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12%\n\x06limits\x18\x03 \x01(\x0b\x32\x15.chitu.v1.ModelLimits\x12*\n\tendpoints\x18\x04 \x03(\x0b\x32\x17.chitu.v1.StageEndpoint\x12\x0f\n\x07serving\x18\x05 \x01(\x08\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.chitu.v1.ModelEntry2\xa1\x01\n\x11GenerationService\x12\x43\n\x08Generate\x12\x19.chitu.v1.GenerateRequest\x1a\x1a.chitu.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.chitu.v1.ListModelsRequest\x1a\x1c.chitu.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hitu/v1/generation.proto\x12\x08\x63hitu.v1\x1a\x14\x63hitu/v1/cache.proto\x1a\x15\x63hitu/v1/common.proto\x1a\x12\x63hitu/v1/vae.proto\"\xc8\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x12\n\x05width\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06\x66rames\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x05\x88\x01\x01\x12-\n\x0eoutput_formats\x18\x0b \x03(\x0e\x32\x15.chitu.v1.MediaFormat\x12\x1d\n\x10guidance_scale_2\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x10\n\x03\x66ps\x18\r \x01(\x02H\x07\x88\x01\x01\x12$\n\x05\x63\x61\x63he\x18\x14 \x01(\x0b\x32\x15.chitu.v1.CachePolicyB\x08\n\x06_widthB\t\n\x07_heightB\t\n\x07_framesB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x13\n\x11_guidance_scale_2B\x06\n\x04_fps\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"@\n\x0cStageStarted\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.chitu.v1.Stage\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\"@\n\rStageFinished\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.chitu.v1.Stage\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"G\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x03 \x01(\x01\"t\n\x07Timings\x12%\n\x06stages\x18\x01 \x03(\x0b\x32\x15.chitu.v1.StageTiming\x12\x14\n\x0cstep_seconds\x18\x02 \x03(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\"\xe7\x02\n\x10GenerationResult\x12%\n\tartifacts\x18\x01 \x03(\x0b\x32\x12.chitu.v1.Artifact\x12\"\n\x07timings\x18\x02 \x01(\x0b\x32\x11.chitu.v1.Timings\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x07 \x01(\x05\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\t \x01(\x02\x12:\n\x08metadata\x18\n \x03(\x0b\x32(.chitu.v1.GenerationResult.MetadataEntry\x12\x0b\n\x03\x66ps\x18\x0b \x01(\x02\x12\x18\n\x10guidance_scale_2\x18\x0c \x01(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x02 \x01(\x01\x12\"\n\x06queued\x18\x03 \x01(\x0b\x32\x10.chitu.v1.QueuedH\x00\x12/\n\rstage_started\x18\x04 \x01(\x0b\x32\x16.chitu.v1.StageStartedH\x00\x12\x31\n\x0estage_finished\x18\x05 \x01(\x0b\x32\x17.chitu.v1.StageFinishedH\x00\x12&\n\x04step\x18\x06 \x01(\x0b\x32\x16.chitu.v1.StepProgressH\x00\x12,\n\x06result\x18\x07 \x01(\x0b\x32\x1a.chitu.v1.GenerationResultH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"y\n\rStageEndpoint\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.chitu.v1.Stage\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\x08\x12&\n\x04info\x18\x04 \x01(\x0b\x32\x18.chitu.v1.StageModelInfo\"\x8e\x01\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12%\n\x06limits\x18\x03 \x01(\x0b\x32\x15.chitu.v1.ModelLimits\x12*\n\tendpoints\x18\x04 \x03(\x0b\x32\x17.chitu.v1.StageEndpoint\x12\x0f\n\x07serving\x18\x05 \x01(\x08\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.chitu.v1.ModelEntry2\xa1\x01\n\x11GenerationService\x12\x43\n\x08Generate\x12\x19.chitu.v1.GenerateRequest\x1a\x1a.chitu.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.chitu.v1.ListModelsRequest\x1a\x1c.chitu.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +36,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATIONRESULT_METADATAENTRY']._loaded_options = None
   _globals['_GENERATIONRESULT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_GENERATEREQUEST']._serialized_start=83
-  _globals['_GENERATEREQUEST']._serialized_end=501
-  _globals['_QUEUED']._serialized_start=503
-  _globals['_QUEUED']._serialized_end=529
-  _globals['_STAGESTARTED']._serialized_start=531
-  _globals['_STAGESTARTED']._serialized_end=595
-  _globals['_STAGEFINISHED']._serialized_start=597
-  _globals['_STAGEFINISHED']._serialized_end=661
-  _globals['_STEPPROGRESS']._serialized_start=663
-  _globals['_STEPPROGRESS']._serialized_end=734
-  _globals['_TIMINGS']._serialized_start=736
-  _globals['_TIMINGS']._serialized_end=852
-  _globals['_GENERATIONRESULT']._serialized_start=855
-  _globals['_GENERATIONRESULT']._serialized_end=1214
-  _globals['_GENERATIONRESULT_METADATAENTRY']._serialized_start=1167
-  _globals['_GENERATIONRESULT_METADATAENTRY']._serialized_end=1214
-  _globals['_GENERATERESPONSE']._serialized_start=1217
-  _globals['_GENERATERESPONSE']._serialized_end=1511
-  _globals['_LISTMODELSREQUEST']._serialized_start=1513
-  _globals['_LISTMODELSREQUEST']._serialized_end=1532
-  _globals['_STAGEENDPOINT']._serialized_start=1534
-  _globals['_STAGEENDPOINT']._serialized_end=1655
-  _globals['_MODELENTRY']._serialized_start=1658
-  _globals['_MODELENTRY']._serialized_end=1800
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1802
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1860
-  _globals['_GENERATIONSERVICE']._serialized_start=1863
-  _globals['_GENERATIONSERVICE']._serialized_end=2024
+  _globals['_GENERATEREQUEST']._serialized_start=105
+  _globals['_GENERATEREQUEST']._serialized_end=561
+  _globals['_QUEUED']._serialized_start=563
+  _globals['_QUEUED']._serialized_end=589
+  _globals['_STAGESTARTED']._serialized_start=591
+  _globals['_STAGESTARTED']._serialized_end=655
+  _globals['_STAGEFINISHED']._serialized_start=657
+  _globals['_STAGEFINISHED']._serialized_end=721
+  _globals['_STEPPROGRESS']._serialized_start=723
+  _globals['_STEPPROGRESS']._serialized_end=794
+  _globals['_TIMINGS']._serialized_start=796
+  _globals['_TIMINGS']._serialized_end=912
+  _globals['_GENERATIONRESULT']._serialized_start=915
+  _globals['_GENERATIONRESULT']._serialized_end=1274
+  _globals['_GENERATIONRESULT_METADATAENTRY']._serialized_start=1227
+  _globals['_GENERATIONRESULT_METADATAENTRY']._serialized_end=1274
+  _globals['_GENERATERESPONSE']._serialized_start=1277
+  _globals['_GENERATERESPONSE']._serialized_end=1571
+  _globals['_LISTMODELSREQUEST']._serialized_start=1573
+  _globals['_LISTMODELSREQUEST']._serialized_end=1592
+  _globals['_STAGEENDPOINT']._serialized_start=1594
+  _globals['_STAGEENDPOINT']._serialized_end=1715
+  _globals['_MODELENTRY']._serialized_start=1718
+  _globals['_MODELENTRY']._serialized_end=1860
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1862
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1920
+  _globals['_GENERATIONSERVICE']._serialized_start=1923
+  _globals['_GENERATIONSERVICE']._serialized_end=2084
 # @@protoc_insertion_point(module_scope)

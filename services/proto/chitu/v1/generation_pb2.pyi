@@ -1,3 +1,4 @@
+from services.proto.chitu.v1 import cache_pb2 as _cache_pb2
 from services.proto.chitu.v1 import common_pb2 as _common_pb2
 from services.proto.chitu.v1 import vae_pb2 as _vae_pb2
 from google.protobuf.internal import containers as _containers
@@ -9,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "frames", "steps", "guidance_scale", "seed", "output_formats", "guidance_scale_2", "fps")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "frames", "steps", "guidance_scale", "seed", "output_formats", "guidance_scale_2", "fps", "cache")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +24,7 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMATS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -36,7 +38,8 @@ class GenerateRequest(_message.Message):
     output_formats: _containers.RepeatedScalarFieldContainer[_vae_pb2.MediaFormat]
     guidance_scale_2: float
     fps: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_formats: _Optional[_Iterable[_Union[_vae_pb2.MediaFormat, str]]] = ..., guidance_scale_2: _Optional[float] = ..., fps: _Optional[float] = ...) -> None: ...
+    cache: _cache_pb2.CachePolicy
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., output_formats: _Optional[_Iterable[_Union[_vae_pb2.MediaFormat, str]]] = ..., guidance_scale_2: _Optional[float] = ..., fps: _Optional[float] = ..., cache: _Optional[_Union[_cache_pb2.CachePolicy, _Mapping]] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
