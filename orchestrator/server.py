@@ -126,6 +126,13 @@ def resolve_settings(request: generation_pb2.GenerateRequest, lim: Limits) -> Se
     warnings = []
     if request.negative_prompt and lim.guidance_kind != "cfg":
         warnings.append(f"negative_prompt is ignored: this model uses {lim.guidance_kind} guidance, not true CFG")
+    elif lim.guidance_kind == "cfg" and guidance <= lim.cfg_threshold and request.negative_prompt:
+        warnings.append(f"negative_prompt is ignored: classifier-free guidance runs only with guidance_scale > "
+                        f"{lim.cfg_threshold:g}")
+    elif (lim.guidance_kind == "cfg" and lim.cfg_needs_negative_prompt and not request.negative_prompt
+          and guidance > lim.cfg_threshold):
+        warnings.append(f"guidance_scale={guidance:g} has no effect without a negative_prompt: this model runs "
+                        f"classifier-free guidance only when one is given")
     if lim.guidance_kind == "none" and request.HasField("guidance_scale"):
         warnings.append("guidance_scale is ignored by this model")
     return Settings(width, height, frames, steps, float(guidance), seed, warnings)
@@ -240,7 +247,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             enc_req = encoder_pb2.EncodeRequest(
                 request_id=request_id, model=request.model, prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
-                encode_negative=lim.guidance_kind == "cfg" and settings.guidance_scale > 1.0)
+                encode_negative=lim.cfg_active(settings.guidance_scale, request.negative_prompt))
             ts = time.perf_counter()
             ep, enc = None, None
             async for ep, res in self._call_idempotent(route.encoder, lambda e: e.stub.Encode(

@@ -31,6 +31,7 @@ def limits_to_proto(lim: Limits) -> common_pb2.ModelLimits:
         max_frames=lim.max_frames, guidance_kind=_GUIDANCE[lim.guidance_kind], default_steps=lim.default_steps,
         default_guidance_scale=lim.default_guidance_scale, default_width=lim.default_width,
         default_height=lim.default_height, default_frames=lim.default_frames,
+        cfg_guidance_threshold=lim.cfg_threshold, cfg_needs_negative_prompt=lim.cfg_needs_negative_prompt,
     )
 
 
@@ -41,7 +42,9 @@ def limits_from_proto(msg: common_pb2.ModelLimits) -> Limits:
                   default_guidance_scale=msg.default_guidance_scale, default_width=msg.default_width,
                   default_height=msg.default_height, supports_video=msg.supports_video,
                   frame_multiple=msg.frame_multiple or 1, max_frames=msg.max_frames or 1,
-                  default_frames=msg.default_frames or 1)
+                  default_frames=msg.default_frames or 1,
+                  cfg_threshold=msg.cfg_guidance_threshold if msg.HasField("cfg_guidance_threshold") else 1.0,
+                  cfg_needs_negative_prompt=msg.cfg_needs_negative_prompt)
 
 
 def check_model(requested: str, model: ModelConfig) -> None:

@@ -50,6 +50,16 @@ class Limits:
     frame_multiple: int = 1
     max_frames: int = 1
     default_frames: int = 1
+    cfg_threshold: float = 1.0
+    """With ``guidance_kind == "cfg"``: CFG runs only when guidance_scale is above this (Z-Image: 0)."""
+    cfg_needs_negative_prompt: bool = False
+    """With ``guidance_kind == "cfg"``: CFG runs only with a non-empty negative prompt (Qwen-Image's true CFG)."""
+
+    def cfg_active(self, guidance_scale: float, negative_prompt: str) -> bool:
+        """Whether the family's pipeline runs both CFG branches for these settings (the one rule the orchestrator,
+        encoder and denoiser share)."""
+        return (self.guidance_kind == "cfg" and guidance_scale > self.cfg_threshold
+                and (bool(negative_prompt) or not self.cfg_needs_negative_prompt))
 
 
 @dataclass(frozen=True)

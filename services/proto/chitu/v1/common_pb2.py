@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63hitu/v1/common.proto\x12\x08\x63hitu.v1\"\xfa\x02\n\x0bModelLimits\x12\x15\n\rsize_multiple\x18\x01 \x01(\x05\x12\x10\n\x08min_size\x18\x02 \x01(\x05\x12\x10\n\x08max_size\x18\x03 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x05\x12\x16\n\x0esupports_video\x18\x05 \x01(\x08\x12\x16\n\x0e\x66rame_multiple\x18\x06 \x01(\x05\x12\x12\n\nmax_frames\x18\x07 \x01(\x05\x12-\n\rguidance_kind\x18\x08 \x01(\x0e\x32\x16.chitu.v1.GuidanceKind\x12\x15\n\rdefault_steps\x18\t \x01(\x05\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\n \x01(\x02\x12\x15\n\rdefault_width\x18\x0b \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x0c \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_frames\x18\r \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x0e \x01(\x05\x12\x13\n\x0b\x64\x65\x66\x61ult_fps\x18\x0f \x01(\x02\"\x99\x02\n\x0eStageModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\ncomponents\x18\x03 \x03(\t\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12%\n\x06limits\x18\x07 \x01(\x0b\x32\x15.chitu.v1.ModelLimits\x12\x38\n\x08metadata\x18\x08 \x03(\x0b\x32&.chitu.v1.StageModelInfo.MetadataEntry\x12\x0f\n\x07\x61liases\x18\t \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0bStageTiming\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.chitu.v1.Stage\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t*U\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_ENCODE\x10\x01\x12\x11\n\rSTAGE_DENOISE\x10\x02\x12\x10\n\x0cSTAGE_DECODE\x10\x03*y\n\x0cGuidanceKind\x12\x1d\n\x19GUIDANCE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17GUIDANCE_KIND_DISTILLED\x10\x01\x12\x15\n\x11GUIDANCE_KIND_CFG\x10\x02\x12\x16\n\x12GUIDANCE_KIND_NONE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63hitu/v1/common.proto\x12\x08\x63hitu.v1\"\xdd\x03\n\x0bModelLimits\x12\x15\n\rsize_multiple\x18\x01 \x01(\x05\x12\x10\n\x08min_size\x18\x02 \x01(\x05\x12\x10\n\x08max_size\x18\x03 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x05\x12\x16\n\x0esupports_video\x18\x05 \x01(\x08\x12\x16\n\x0e\x66rame_multiple\x18\x06 \x01(\x05\x12\x12\n\nmax_frames\x18\x07 \x01(\x05\x12-\n\rguidance_kind\x18\x08 \x01(\x0e\x32\x16.chitu.v1.GuidanceKind\x12\x15\n\rdefault_steps\x18\t \x01(\x05\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\n \x01(\x02\x12\x15\n\rdefault_width\x18\x0b \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x0c \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_frames\x18\r \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x0e \x01(\x05\x12\x13\n\x0b\x64\x65\x66\x61ult_fps\x18\x0f \x01(\x02\x12#\n\x16\x63\x66g_guidance_threshold\x18\x10 \x01(\x02H\x00\x88\x01\x01\x12!\n\x19\x63\x66g_needs_negative_prompt\x18\x11 \x01(\x08\x42\x19\n\x17_cfg_guidance_threshold\"\x99\x02\n\x0eStageModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\ncomponents\x18\x03 \x03(\t\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12%\n\x06limits\x18\x07 \x01(\x0b\x32\x15.chitu.v1.ModelLimits\x12\x38\n\x08metadata\x18\x08 \x03(\x0b\x32&.chitu.v1.StageModelInfo.MetadataEntry\x12\x0f\n\x07\x61liases\x18\t \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0bStageTiming\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.chitu.v1.Stage\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t*U\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_ENCODE\x10\x01\x12\x11\n\rSTAGE_DENOISE\x10\x02\x12\x10\n\x0cSTAGE_DECODE\x10\x03*y\n\x0cGuidanceKind\x12\x1d\n\x19GUIDANCE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17GUIDANCE_KIND_DISTILLED\x10\x01\x12\x15\n\x11GUIDANCE_KIND_CFG\x10\x02\x12\x16\n\x12GUIDANCE_KIND_NONE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STAGEMODELINFO_METADATAENTRY']._loaded_options = None
   _globals['_STAGEMODELINFO_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_STAGE']._serialized_start=782
-  _globals['_STAGE']._serialized_end=867
-  _globals['_GUIDANCEKIND']._serialized_start=869
-  _globals['_GUIDANCEKIND']._serialized_end=990
+  _globals['_STAGE']._serialized_start=881
+  _globals['_STAGE']._serialized_end=966
+  _globals['_GUIDANCEKIND']._serialized_start=968
+  _globals['_GUIDANCEKIND']._serialized_end=1089
   _globals['_MODELLIMITS']._serialized_start=36
-  _globals['_MODELLIMITS']._serialized_end=414
-  _globals['_STAGEMODELINFO']._serialized_start=417
-  _globals['_STAGEMODELINFO']._serialized_end=698
-  _globals['_STAGEMODELINFO_METADATAENTRY']._serialized_start=651
-  _globals['_STAGEMODELINFO_METADATAENTRY']._serialized_end=698
-  _globals['_STAGETIMING']._serialized_start=700
-  _globals['_STAGETIMING']._serialized_end=780
+  _globals['_MODELLIMITS']._serialized_end=513
+  _globals['_STAGEMODELINFO']._serialized_start=516
+  _globals['_STAGEMODELINFO']._serialized_end=797
+  _globals['_STAGEMODELINFO_METADATAENTRY']._serialized_start=750
+  _globals['_STAGEMODELINFO_METADATAENTRY']._serialized_end=797
+  _globals['_STAGETIMING']._serialized_start=799
+  _globals['_STAGETIMING']._serialized_end=879
 # @@protoc_insertion_point(module_scope)

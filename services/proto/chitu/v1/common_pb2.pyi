@@ -30,7 +30,7 @@ GUIDANCE_KIND_CFG: GuidanceKind
 GUIDANCE_KIND_NONE: GuidanceKind
 
 class ModelLimits(_message.Message):
-    __slots__ = ("size_multiple", "min_size", "max_size", "max_prompt_tokens", "supports_video", "frame_multiple", "max_frames", "guidance_kind", "default_steps", "default_guidance_scale", "default_width", "default_height", "default_frames", "experts", "default_fps")
+    __slots__ = ("size_multiple", "min_size", "max_size", "max_prompt_tokens", "supports_video", "frame_multiple", "max_frames", "guidance_kind", "default_steps", "default_guidance_scale", "default_width", "default_height", "default_frames", "experts", "default_fps", "cfg_guidance_threshold", "cfg_needs_negative_prompt")
     SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,8 @@ class ModelLimits(_message.Message):
     DEFAULT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FPS_FIELD_NUMBER: _ClassVar[int]
+    CFG_GUIDANCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CFG_NEEDS_NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     size_multiple: int
     min_size: int
     max_size: int
@@ -61,7 +63,9 @@ class ModelLimits(_message.Message):
     default_frames: int
     experts: int
     default_fps: float
-    def __init__(self, size_multiple: _Optional[int] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., supports_video: _Optional[bool] = ..., frame_multiple: _Optional[int] = ..., max_frames: _Optional[int] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_frames: _Optional[int] = ..., experts: _Optional[int] = ..., default_fps: _Optional[float] = ...) -> None: ...
+    cfg_guidance_threshold: float
+    cfg_needs_negative_prompt: bool
+    def __init__(self, size_multiple: _Optional[int] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., supports_video: _Optional[bool] = ..., frame_multiple: _Optional[int] = ..., max_frames: _Optional[int] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_frames: _Optional[int] = ..., experts: _Optional[int] = ..., default_fps: _Optional[float] = ..., cfg_guidance_threshold: _Optional[float] = ..., cfg_needs_negative_prompt: _Optional[bool] = ...) -> None: ...
 
 class StageModelInfo(_message.Message):
     __slots__ = ("model", "family", "components", "checkpoint", "dtype", "device", "limits", "metadata", "aliases")
