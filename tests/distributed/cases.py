@@ -1,0 +1,200 @@
+"""Test cases of the denoiser group: which layouts each family's tiny checkpoint runs, its jobs, the
+single-process references, and a runner for pools of real rank processes (``group_main``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from denoiser_svc.config import DenoiserServiceConfig
+from denoiser_svc.types import DenoiseJob
+from denoiser_svc.worker import Worker
+from services.assets import build_tiny
+from services.config import load_config
+from services.families.base import FamilyAdapter, SamplingParams
+from services.registry import load_adapter
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = "a red circle on the left of a blue square"
+NEGATIVE = "gray"
+STEPS = 3
+
+LAYOUTS_2 = {"cfg2": {"cfg_degree": 2}, "ulysses2": {"ulysses_degree": 2}, "ring2": {"ring_degree": 2}}
+LAYOUTS_4 = {"cfg2-ulysses2": {"cfg_degree": 2, "ulysses_degree": 2}, "ulysses4": {"ulysses_degree": 4},
+             "ring4": {"ring_degree": 4}, "ulysses2-ring2": {"ulysses_degree": 2, "ring_degree": 2}}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    family: str
+    checkpoint: Path
+    component: str
+    layout: dict[str, int]
+    jobs: list[DenoiseJob]
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.get("cfg_degree", 1) * self.layout.get("ulysses_degree", 1) * self.layout.get(
+            "ring_degree", 1)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "checkpoint": str(self.checkpoint), "component": self.component,
+                "layout": self.layout, "jobs": self.jobs}
+
+
+def tiny_families() -> dict[str, str]:
+    """Adapter family -> tiny builder name, one builder per adapter family (wan22 is the wan adapter again)."""
+    from services.tiny import builders
+
+    out: dict[str, str] = {}
+    for name in builders():
+        family = _builder_family(name)
+        out.setdefault(family, name)
+    return out
+
+
+def _builder_family(builder: str) -> str:
+    """The adapter family a tiny builder makes: the family named like it, else the longest family name it starts
+    with (``wan22`` -> ``wan``)."""
+    from services.registry import ADAPTERS
+
+    names = sorted((cls.family for cls in ADAPTERS), key=len, reverse=True)
+    if builder in names:
+        return builder
+    return next((name for name in names if builder.startswith(name)), builder)
+
+
+def widen_heads(checkpoint: Path, out: Path, heads: int, seed: int = 0) -> Path:
+    """A copy of ``checkpoint`` whose transformer has ``heads`` attention heads (same head size; the tiny transformers
+    have 2, too few for Ulysses over 4 ranks) with fresh random weights; other components are unchanged."""
+    if (out / "model_index.json").is_file():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.copytree(checkpoint, tmp)
+    cfg_path = tmp / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    import diffusers
+
+    cls = getattr(diffusers, cfg["_class_name"])
+    key = "num_attention_heads" if "num_attention_heads" in cfg else "n_heads"
+    cfg[key] = heads
+    torch.manual_seed(seed)
+    model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    shutil.rmtree(tmp / "transformer")
+    model.save_pretrained(tmp / "transformer", safe_serialization=True)
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _odd_length(conds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the last text token when the length is even, so that text shards need padding on 2 and 4 ranks."""
+    embeds = conds.get("prompt_embeds")
+    if embeds is None or embeds.ndim != 3 or embeds.shape[1] % 2:
+        return conds
+    n = embeds.shape[1]
+    return {k: (v[:, : n - 1] if v.ndim >= 2 and v.shape[1] == n else v) for k, v in conds.items()}
+
+
+def make_job(adapter: FamilyAdapter, request_id: str = "job") -> DenoiseJob:
+    """A short request at a size whose token counts do not divide 2 or 4 (padding on every layout), with CFG on
+    for true-CFG families."""
+    lim = adapter.limits()
+    m = lim.size_multiple
+    width, height = max(3 * m, lim.min_size), max(5 * m, lim.min_size)
+    frames = 1 + lim.frame_multiple if lim.supports_video else 1
+    cfg = lim.guidance_kind == "cfg"
+    guidance = max(lim.default_guidance_scale, lim.cfg_threshold + 3.0) if cfg else lim.default_guidance_scale
+    params = SamplingParams(width=width, height=height, steps=STEPS, guidance_scale=guidance, seed=7, frames=frames)
+    encoder = adapter.load_encoder(torch.float32, torch.device("cpu"))
+    encoded = adapter.encode(encoder, PROMPT, NEGATIVE if cfg else None)
+    conds, negs = _odd_length(encoded.conditionings), _odd_length(encoded.negative_conditionings)
+    if adapter.family == "qwen_image":
+        # a model-side key-padding mask (Qwen-Image takes one): exercises masks through the wrappers
+        mask = torch.ones(conds["prompt_embeds"].shape[:2], dtype=torch.int64)
+        mask[:, -2:] = 0
+        conds = {**conds, "prompt_embeds_mask": mask}
+    lo, hi = adapter.expert_range("transformer", params)
+    return DenoiseJob(request_id=request_id, params=params, conditionings=conds, negative_conditionings=negs,
+                      start_step=lo, end_step=hi)
+
+
+def family_cases(family: str, checkpoint: Path, widened: Path) -> list[Case]:
+    """Every layout this family supports at world sizes 2 and 4 (cfg needs true CFG; sequence layouts a plan;
+    Ulysses over 4 ranks the 4-head copy of the checkpoint)."""
+    adapter = load_adapter(checkpoint)
+    has_cfg = adapter.limits().guidance_kind == "cfg"
+    has_plan = adapter.sequence_parallel_plan("transformer") is not None
+    job = make_job(adapter)
+    cases = []
+    for name, layout in {**LAYOUTS_2, **LAYOUTS_4}.items():
+        if layout.get("cfg_degree", 1) > 1 and not has_cfg:
+            continue
+        if (layout.get("ulysses_degree", 1) > 1 or layout.get("ring_degree", 1) > 1) and not has_plan:
+            continue
+        ckpt = widened if layout.get("ulysses_degree", 1) == 4 else checkpoint
+        cases.append(Case(f"{family}-{name}", family, ckpt, "transformer", layout, [job]))
+    return cases
+
+
+def reference(checkpoint: Path, job: DenoiseJob, component: str = "transformer") -> torch.Tensor:
+    """The single-process result: the same worker stack with a group of one."""
+    config = load_config(DenoiserServiceConfig, overrides=[f"model.checkpoint={checkpoint}", "model.device=cpu",
+                                                           "model.dtype=float32", "warmup=false",
+                                                           f"component={component}"])
+    worker = Worker(config)
+    worker.init_device()
+    worker.load_model()
+    worker.add_request(job)
+    for step in range(job.start_step, job.end_step):
+        worker.execute_step(job.request_id, step).wait()
+    return worker.finish_request(job.request_id).latents
+
+
+def run_pool(cases: list[Case], world: int, workdir: Path, timeout: float = 900.0) -> Path:
+    """Run ``cases`` on ``world`` real rank processes (gloo); returns the folder of saved latents."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = workdir / "spec.pt"
+    torch.save({"cases": [c.spec() for c in cases]}, spec)
+    out = workdir / "out"
+    store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
+    logs = [open(workdir / f"rank{r}.log", "wb") for r in range(world)]  # noqa: SIM115
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.group_main", str(spec), str(out),
+                               "--rank", str(r), "--world-size", str(world), "--master", f"127.0.0.1:{store.port}"],
+                              cwd=REPO, stdout=logs[r], stderr=subprocess.STDOUT) for r in range(world)]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    bad = {r: p.returncode for r, p in enumerate(procs) if p.returncode != 0}
+    if bad:
+        tails = "\n".join(f"--- rank {r} (exit {code}) ---\n" + (workdir / f"rank{r}.log").read_text()[-4000:]
+                          for r, code in bad.items())
+        raise RuntimeError(f"group of {world} failed or timed out:\n{tails}")
+    return out
+
+
+def build_checkpoint(builder: str, checkpoints_dir: Path) -> Path:
+    return build_tiny(builder, checkpoints_dir / f"tiny-{builder}", seed=0)
