@@ -74,7 +74,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     opts = GenerateOptions(negative_prompt=args.negative, width=args.width, height=args.height, frames=args.frames,
                            steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                           formats=args.format or [])
+                           formats=args.format or [], guidance_scale_2=args.guidance_2, fps=args.fps)
     bar = None
     with ChituClient(args.server) as client:
         model = args.model
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=None)
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--guidance-2", type=float, default=None,
+                   help="guidance of the second (low-noise) expert of two-expert models (Wan2.2)")
+    s.add_argument("--fps", type=float, default=None, help="frame rate of video output (video models)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--format", action="append", choices=["png", "mp4", "raw"], help="output format (repeatable)")
     s.add_argument("--timeout", type=float, default=None, help="deadline in seconds")

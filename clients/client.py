@@ -25,6 +25,8 @@ class GenerateOptions:
     guidance_scale: float | None = None
     seed: int | None = None
     formats: list[str] = field(default_factory=list)
+    guidance_scale_2: float | None = None
+    fps: float | None = None
     request_id: str = ""
 
 
@@ -53,7 +55,7 @@ class ChituClient:
         req = generation_pb2.GenerateRequest(
             request_id=o.request_id, model=model, prompt=prompt, negative_prompt=o.negative_prompt,
             output_formats=[FORMATS[f] for f in o.formats])
-        for name in ("width", "height", "frames", "steps", "guidance_scale", "seed"):
+        for name in ("width", "height", "frames", "steps", "guidance_scale", "seed", "guidance_scale_2", "fps"):
             value = getattr(o, name)
             if value is not None:
                 setattr(req, name, value)

@@ -17,7 +17,8 @@ def result_summary(result: generation_pb2.GenerationResult, params: dict[str, An
     return {
         **params,
         "seed": result.seed, "width": result.width, "height": result.height, "frames": result.frames,
-        "steps": result.steps, "guidance_scale": round(result.guidance_scale, 6),
+        "steps": result.steps, "guidance_scale": round(result.guidance_scale, 6), "fps": result.fps,
+        **({"guidance_scale_2": round(result.guidance_scale_2, 6)} if result.guidance_scale_2 else {}),
         "warnings": list(result.warnings), "metadata": dict(result.metadata),
         "timings": {
             "total_seconds": timings.total_seconds, "queue_seconds": timings.queue_seconds,

@@ -1,7 +1,11 @@
-"""The whole stack as local processes: per checkpoint an encoder, a denoiser group and a VAE, plus one orchestrator.
+"""The whole stack as local processes: per checkpoint an encoder, a denoiser group per transformer expert and a
+VAE, plus one orchestrator.
 
 Each service is its own process (``python -m clients.cli serve <stage> --config FILE``) on an ephemeral loopback
-port that it writes to a ready file once SERVING; the orchestrator gets the resulting route table. Used by
+port that it writes to a ready file once SERVING; the orchestrator gets the resulting route table. Checkpoints
+whose encoder (resp. VAE) components are identical (same family, configs and weights: ``services.fingerprint``)
+share one encoder (resp. VAE) service, which serves the other models' names as aliases. A two-expert checkpoint
+(Wan2.2-A14B) gets two denoiser groups, one per transformer (route ``denoiser`` and ``denoiser_2``). Used by
 ``chitu up``, ``chitu run`` and the end-to-end tests.
 """
 
@@ -20,7 +24,9 @@ from typing import Any
 
 import yaml
 
+from services.assets import CACHE_DIR
 from services.config import ConfigError
+from services.fingerprint import FileHashCache, stage_fingerprint
 from services.log import get_logger
 from services.registry import load_adapter
 
@@ -47,6 +53,10 @@ class StackConfig:
     """How long services may take to become SERVING."""
     stage_overrides: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     """Extra ``key=value`` config overrides per stage kind (``encoder``, ``denoiser``, ``vae``, ``orchestrator``)."""
+    share_components: bool = True
+    """One encoder (resp. VAE) service for all checkpoints whose encoder (resp. VAE) components are identical."""
+    hash_cache: str = str(CACHE_DIR / "file-hashes.json")
+    """Where content hashes of checkpoint files are cached between runs (empty: hash every time)."""
 
     def validate(self) -> None:
         for name, path in self.checkpoints.items():
@@ -54,6 +64,58 @@ class StackConfig:
                 raise ConfigError(f"checkpoint {name}={path} is not a diffusers folder (no model_index.json)")
         if ":" not in self.listen:
             raise ConfigError(f"listen={self.listen!r} must be host:port")
+
+
+@dataclasses.dataclass
+class PlannedService:
+    """One stage service ``chitu up`` will start."""
+
+    kind: str
+    """``encoder``, ``denoiser`` or ``vae``."""
+    name: str
+    """Service name (config, log and ready-file names): the model's name, ``<model>.<component>`` for a second
+    expert's denoiser group."""
+    checkpoint: str
+    served_name: str
+    aliases: list[str] = dataclasses.field(default_factory=list)
+    component: str = "transformer"
+    """The transformer a denoiser group runs."""
+
+
+def plan_stack(checkpoints: dict[str, str], share: bool = True,
+               cache: FileHashCache | None = None) -> tuple[list[PlannedService], dict[str, dict[str, list[str]]]]:
+    """The services for ``checkpoints`` (model name -> folder) and each model's route (route key -> service names).
+
+    Encoders and VAEs are shared between checkpoints with identical components (when ``share``); every checkpoint
+    has its own denoiser group per expert.
+    """
+    services: list[PlannedService] = []
+    shared: dict[tuple[str, str], PlannedService] = {}
+    routes: dict[str, dict[str, list[str]]] = {}
+    cache = cache or FileHashCache()
+    for name, path in checkpoints.items():
+        adapter = load_adapter(path)  # fails early on an unsupported family
+        checkpoint = str(Path(path).resolve())
+        route: dict[str, list[str]] = {}
+        for kind in ("encoder", "vae"):
+            key = (kind, stage_fingerprint(adapter, kind, cache) if share else name)
+            svc = shared.get(key)
+            if svc is None:
+                svc = shared[key] = PlannedService(kind, name, checkpoint, name)
+                services.append(svc)
+            else:
+                svc.aliases.append(name)
+            route[kind] = [svc.name]
+        experts = adapter.expert_components()
+        if len(experts) > 2:
+            raise ConfigError(f"checkpoint {name}={path} has {len(experts)} experts; at most 2 are supported")
+        for i, component in enumerate(experts):
+            svc = PlannedService("denoiser", name if i == 0 else f"{name}.{component}", checkpoint, name,
+                                 component=component)
+            services.append(svc)
+            route["denoiser" if i == 0 else "denoiser_2"] = [svc.name]
+        routes[name] = route
+    return services, routes
 
 
 @dataclasses.dataclass
@@ -134,19 +196,25 @@ class LocalStack:
             path = default_checkpoint()
             checkpoints = {path.name: str(path)}
         try:
+            cache = FileHashCache(self.config.hash_cache or None)
+            plan, model_routes = plan_stack(checkpoints, self.config.share_components, cache)
+            cache.save()
             stage_services = []
-            for name, path in checkpoints.items():
-                load_adapter(path)  # fail early on an unsupported family
-                model = {"name": name, "checkpoint": str(Path(path).resolve()), "device": self.config.device,
-                         "dtype": self.config.dtype}
-                for kind in STAGES:
-                    svc = self._write(kind, name, {"model": model})
-                    self._launch(svc)
-                    stage_services.append(svc)
+            for planned in plan:
+                model = {"name": planned.served_name, "checkpoint": planned.checkpoint, "device": self.config.device,
+                         "dtype": self.config.dtype, "aliases": planned.aliases}
+                data: dict[str, Any] = {"model": model}
+                if planned.kind == "denoiser":
+                    data["component"] = planned.component
+                svc = self._write(planned.kind, planned.name, data)
+                self._launch(svc)
+                stage_services.append(svc)
             self._wait_ready(stage_services)
+            address = {(s.kind, s.name): s.address for s in stage_services}
             host, port = self.config.listen.rsplit(":", 1)
-            routes = [{"model": name, **{kind: [s.address for s in stage_services if s.kind == kind and s.name == name]
-                                         for kind in STAGES}} for name in checkpoints]
+            routes = [{"model": name, **{key: [address[("denoiser" if key == "denoiser_2" else key, n)] for n in names]
+                                         for key, names in route.items()}}
+                      for name, route in model_routes.items()]
             orch = self._write("orchestrator", "main", {"server": {"host": host, "port": int(port)}, "routes": routes})
             self._launch(orch)
             self._wait_ready([orch])

@@ -176,6 +176,8 @@ class DenoiserEngine:
             req.resident = True
             req.started_at = time.perf_counter()
             self._active.append(req)
+            if req.next_step >= req.job.end_step:  # an empty step range: hand back the prepared latents
+                await self._finish(req)
 
     async def _drop_cancelled(self, in_flight: _InFlight | None) -> None:
         for req in [r for r in self._active if r.cancelled]:
@@ -207,15 +209,16 @@ class DenoiserEngine:
     async def _finish(self, req: _Request) -> None:
         self._active.remove(req)
         try:
-            latents = await self.executor.finish_request(req.job.request_id)
+            out = await self.executor.finish_request(req.job.request_id)
         except Exception as exc:  # noqa: BLE001
             await self._fail_request(req, exc, resident=False)
             return
         now = time.perf_counter()
         req.done = True
         self.stats.completed += 1
-        req.emit(LatentsEvent(latents=latents, step_seconds=req.step_seconds,
-                              queue_seconds=req.started_at - req.enqueued_at, total_seconds=now - req.enqueued_at))
+        req.emit(LatentsEvent(latents=out.latents, step_seconds=req.step_seconds,
+                              queue_seconds=req.started_at - req.enqueued_at, total_seconds=now - req.enqueued_at,
+                              end_step=req.job.end_step, scheduler_state=out.scheduler_state))
 
     async def _fail_request(self, req: _Request, exc: Exception, resident: bool = True) -> None:
         with bind_request(req.job.request_id):

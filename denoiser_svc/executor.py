@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
-
 from denoiser_svc.config import DenoiserServiceConfig
-from denoiser_svc.types import DenoiseJob
+from denoiser_svc.types import DenoiseJob, FinishedRequest
 from denoiser_svc.worker import StepHandle, Worker
 from services.stage import WorkThread
 
@@ -32,8 +30,9 @@ class Executor(Protocol):
     async def wait(self, handle: StepHandle) -> float:
         """Wait for a launched step; returns its wall time."""
 
-    async def finish_request(self, request_id: str) -> torch.Tensor:
-        """Drop the request from every rank and return its latents (on the CPU)."""
+    async def finish_request(self, request_id: str) -> FinishedRequest:
+        """Drop the request from every rank and return its latents (and scheduler state when the job asked for
+        it), on the CPU."""
 
     async def abort_request(self, request_id: str) -> None:
         """Drop the request from every rank without results."""
@@ -74,7 +73,7 @@ class UniProcExecutor:
     async def wait(self, handle: StepHandle) -> float:
         return await self.thread.run(handle.wait)
 
-    async def finish_request(self, request_id: str) -> torch.Tensor:
+    async def finish_request(self, request_id: str) -> FinishedRequest:
         return await self.thread.run(self.worker.finish_request, request_id)
 
     async def abort_request(self, request_id: str) -> None:

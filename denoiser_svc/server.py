@@ -39,13 +39,20 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
 
     def to_job(self, request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
         check_model(request.model, self.config.model)
+        guidance_2 = request.guidance_scale_2 if request.HasField("guidance_scale_2") else None
         params = SamplingParams(width=request.width, height=request.height, steps=request.steps,
-                                guidance_scale=request.guidance_scale, seed=request.seed, frames=max(request.frames, 1))
+                                guidance_scale=request.guidance_scale, seed=request.seed, frames=max(request.frames, 1),
+                                guidance_scale_2=guidance_2)
         self.adapter.validate_params(params)
-        end = request.end_step or params.steps
-        if not 0 <= request.start_step < end <= params.steps:
+        # the steps this group's transformer runs: all of them, or one expert's share (Wan2.2); end_step 0 = its end
+        lo, hi = self.adapter.expert_range(self.config.component, params)
+        end = request.end_step or hi
+        empty_share = lo == hi == request.start_step == end  # the other expert runs every step: hand back the noise
+        if not (lo <= request.start_step < end <= hi or empty_share):
+            share = "" if (lo, hi) == (0, params.steps) else (
+                f"; this group's transformer ({self.config.component}) runs steps [{lo}, {hi}) of the schedule")
             raise InvalidArgument(f"start_step={request.start_step}, end_step={request.end_step} must satisfy "
-                                  f"0 <= start_step < end_step <= steps={params.steps}")
+                                  f"{lo} <= start_step < end_step <= {hi} (steps={params.steps}{share})")
         conds = codec.named_from_proto(request.conditionings, self.max_bytes, "conditionings")
         if not conds:
             raise InvalidArgument("conditionings must not be empty (encode the prompt first)")
@@ -53,9 +60,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         initial = None
         if request.HasField("initial_latents"):
             initial = codec.from_proto(request.initial_latents, self.max_bytes, "initial_latents")
+        scheduler_state = codec.named_from_proto(request.scheduler_state, self.max_bytes, "scheduler_state")
         return DenoiseJob(request_id=request.request_id, params=params, conditionings=conds,
                           negative_conditionings=negs, initial_latents=initial, start_step=request.start_step,
-                          end_step=end)
+                          end_step=end, scheduler_state=scheduler_state,
+                          return_scheduler_state=request.return_scheduler_state)
 
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[denoiser_pb2.DenoiseResponse]:
@@ -71,7 +80,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
                         yield denoiser_pb2.DenoiseResponse(latents_chunk=chunk)
                     yield denoiser_pb2.DenoiseResponse(summary=denoiser_pb2.DenoiseSummary(
                         step_seconds=event.step_seconds, total_seconds=event.total_seconds,
-                        queue_seconds=event.queue_seconds))
+                        queue_seconds=event.queue_seconds, end_step=event.end_step,
+                        scheduler_state=codec.named_to_proto(event.scheduler_state, self.max_bytes)))
             log.info("denoise_done", steps=job.end_step - job.start_step)
 
     async def GetDenoiserInfo(self, request: denoiser_pb2.GetDenoiserInfoRequest,

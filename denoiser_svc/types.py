@@ -21,6 +21,10 @@ class DenoiseJob:
     start_step: int = 0
     end_step: int = 0
     """One past the last step; always resolved (never 0) by the server."""
+    scheduler_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Scheduler history to resume at ``start_step`` (hand-over from another group; empty for a fresh run)."""
+    return_scheduler_state: bool = False
+    """Export the scheduler's history after ``end_step`` (another group continues the run)."""
 
 
 @dataclass
@@ -34,6 +38,15 @@ class StepEvent:
 
 
 @dataclass
+class FinishedRequest:
+    """What a worker hands back for a finished request (on the CPU)."""
+
+    latents: torch.Tensor
+    scheduler_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Filled only when the job asked for it (``return_scheduler_state``)."""
+
+
+@dataclass
 class LatentsEvent:
     """The final latents (on the CPU) and the request's timings."""
 
@@ -41,3 +54,6 @@ class LatentsEvent:
     step_seconds: list[float]
     queue_seconds: float
     total_seconds: float
+    end_step: int = 0
+    """One past the last step run (where a second expert's group continues)."""
+    scheduler_state: dict[str, torch.Tensor] = field(default_factory=dict)

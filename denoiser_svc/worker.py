@@ -11,7 +11,7 @@ import torch
 
 from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.runner import ModelRunner
-from denoiser_svc.types import DenoiseJob
+from denoiser_svc.types import DenoiseJob, FinishedRequest
 from services.attention import LOCAL_SDPA, AttentionOps
 from services.errors import FailedPrecondition
 from services.families.base import DenoiseState, SamplingParams, resolve_device, resolve_dtype
@@ -53,6 +53,8 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.attention_modules = 0
         self.states: dict[str, DenoiseState] = {}
+        self.export_state: set[str] = set()
+        """Requests whose scheduler history is handed back at the end (another group continues them)."""
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def init_device(self) -> None:
@@ -106,6 +108,8 @@ class Worker:
     def add_request(self, job: DenoiseJob) -> None:
         assert self.runner is not None, "load_model first"
         self.states[job.request_id] = self.runner.prepare(job)
+        if job.return_scheduler_state:
+            self.export_state.add(job.request_id)
 
     def execute_step(self, request_id: str, step: int) -> StepHandle:
         assert self.runner is not None, "load_model first"
@@ -120,9 +124,14 @@ class Worker:
         self.runner.step(state, step)
         return StepHandle(cpu_seconds=time.perf_counter() - t0)
 
-    def finish_request(self, request_id: str) -> torch.Tensor:
+    def finish_request(self, request_id: str) -> FinishedRequest:
         state = self.states.pop(request_id)
-        return state.latents.detach().to("cpu")
+        scheduler_state = {}
+        if request_id in self.export_state:
+            self.export_state.discard(request_id)
+            scheduler_state = self.adapter.export_scheduler_state(state)
+        return FinishedRequest(latents=state.latents.detach().to("cpu"), scheduler_state=scheduler_state)
 
     def abort_request(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+        self.export_state.discard(request_id)

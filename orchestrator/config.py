@@ -19,6 +19,10 @@ class RouteConfig:
     """``host:port`` of each denoiser group (rank 0)."""
     vae: list[str] = dataclasses.field(default_factory=list)
     """``host:port`` of each VAE replica."""
+    denoiser_2: list[str] = dataclasses.field(default_factory=list)
+    """``host:port`` of each denoiser group running the checkpoint's second expert (``component: transformer_2``,
+    Wan2.2's low-noise transformer); empty for single-transformer models. The ``denoiser`` groups run the first
+    expert's steps and the orchestrator hands the latents over at the boundary step."""
     max_inflight: int = 4
     """Generations of this model in the stages at once; more wait in the orchestrator's queue."""
 
@@ -28,9 +32,14 @@ class RouteConfig:
         for stage in ("encoder", "denoiser", "vae"):
             if not getattr(self, stage):
                 raise ConfigError(f"route {self.model!r}: {stage} needs at least one endpoint")
+        for stage in ("encoder", "denoiser", "vae", "denoiser_2"):
             for ep in getattr(self, stage):
                 if ":" not in ep:
                     raise ConfigError(f"route {self.model!r}: {stage} endpoint {ep!r} must be host:port")
+        overlap = sorted(set(self.denoiser) & set(self.denoiser_2))
+        if overlap:
+            raise ConfigError(f"route {self.model!r}: {overlap} listed under both denoiser and denoiser_2; each "
+                              "expert runs on its own denoiser group")
         if self.max_inflight < 1:
             raise ConfigError(f"route {self.model!r}: max_inflight must be >= 1")
 

@@ -15,7 +15,15 @@ import grpc
 
 from orchestrator.config import OrchestratorConfig, RouteConfig
 from orchestrator.stages import STAGE_ENUM, EndpointRegistry, StageEndpoint, StagePool
-from services.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from services import codec
+from services.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from services.families.base import Limits
 from services.log import get_logger, setup_logging
 from services.proto.chitu.v1 import (
@@ -44,6 +52,8 @@ class Route:
     encoder: StagePool
     denoiser: StagePool
     vae: StagePool
+    denoiser_2: StagePool | None = None
+    """The second expert's denoiser groups (Wan2.2's low-noise transformer_2), when the model has one."""
     slots: asyncio.Semaphore = field(init=False)
     waiting: int = 0
 
@@ -51,8 +61,9 @@ class Route:
         self.slots = asyncio.Semaphore(self.config.max_inflight)
 
     @property
-    def pools(self) -> tuple[StagePool, StagePool, StagePool]:
-        return (self.encoder, self.denoiser, self.vae)
+    def pools(self) -> tuple[StagePool, ...]:
+        pools = (self.encoder, self.denoiser, self.vae)
+        return pools if self.denoiser_2 is None else (*pools, self.denoiser_2)
 
     def serving(self) -> bool:
         return all(p.serving() for p in self.pools)
@@ -87,6 +98,10 @@ class Settings:
     guidance_scale: float
     seed: int
     warnings: list[str]
+    guidance_scale_2: float | None = None
+    """The second expert's guidance (two-expert models); None means guidance_scale."""
+    fps: float = 0.0
+    """Frame rate of encoded video (0 for images)."""
 
 
 def resolve_settings(request: generation_pb2.GenerateRequest, lim: Limits) -> Settings:
@@ -135,7 +150,22 @@ def resolve_settings(request: generation_pb2.GenerateRequest, lim: Limits) -> Se
                         f"classifier-free guidance only when one is given")
     if lim.guidance_kind == "none" and request.HasField("guidance_scale"):
         warnings.append("guidance_scale is ignored by this model")
-    return Settings(width, height, frames, steps, float(guidance), seed, warnings)
+    guidance_2 = None
+    if request.HasField("guidance_scale_2"):
+        guidance_2 = request.guidance_scale_2
+        if lim.experts < 2:
+            raise InvalidArgument("guidance_scale_2 applies only to two-expert models (Wan2.2-A14B); leave it unset")
+        if not guidance_2 >= 0:
+            raise InvalidArgument(f"guidance_scale_2={guidance_2} must be >= 0")
+    fps = 0.0
+    if lim.supports_video:
+        fps = request.fps if request.HasField("fps") else (lim.default_fps or 16.0)
+        if not 0 < fps <= 240:
+            raise InvalidArgument(f"fps={fps} must be in (0, 240]")
+    elif request.HasField("fps"):
+        raise InvalidArgument(f"fps={request.fps}: this model generates images; leave fps unset")
+    return Settings(width, height, frames, steps, float(guidance), seed, warnings, guidance_scale_2=guidance_2,
+                    fps=float(fps))
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -147,7 +177,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         for rc in config.routes:
             pools = [StagePool([self.endpoints.get(stage, a) for a in getattr(rc, stage)])
                      for stage in ("encoder", "denoiser", "vae")]
-            self.routes[rc.model] = Route(rc, *pools)
+            second = StagePool([self.endpoints.get("denoiser", a) for a in rc.denoiser_2]) if rc.denoiser_2 else None
+            self.routes[rc.model] = Route(rc, *pools, denoiser_2=second)
         self._health_task: asyncio.Task | None = None
         self._started = False
 
@@ -268,38 +299,57 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 negative_conditionings=enc.negative_conditionings, width=settings.width, height=settings.height,
                 frames=settings.frames, steps=settings.steps, guidance_scale=settings.guidance_scale,
                 seed=settings.seed)
+            if settings.guidance_scale_2 is not None:
+                den_req.guidance_scale_2 = settings.guidance_scale_2
+            den_req.return_scheduler_state = route.denoiser_2 is not None
             chunks: list[tensor_pb2.TensorChunk] = []
             step_seconds: list[float] = []
-            ts = time.perf_counter()
-            den_ep = await self._pick(route.denoiser)
-            yield event(stage_started=generation_pb2.StageStarted(stage=common_pb2.STAGE_DENOISE,
-                                                                  endpoint=den_ep.address))
-            call = den_ep.stub.Denoise(den_req, timeout=timeout(), metadata=metadata)
-            try:
-                with den_ep.errors():
-                    async for resp in call:
-                        kind = resp.WhichOneof("event")
-                        if kind == "progress":
-                            p = resp.progress
-                            step_seconds.append(p.step_seconds)
-                            yield event(step=generation_pb2.StepProgress(step=p.step, total_steps=p.total_steps,
-                                                                         step_seconds=p.step_seconds))
-                        elif kind == "latents_chunk":
-                            chunks.append(resp.latents_chunk)
-                        elif kind == "summary":
-                            stage_md.update(resp.summary.metadata)
-            finally:
-                call.cancel()
-            if not chunks:
-                raise Unavailable(f"denoiser stage at {den_ep.address} ended the stream without latents")
-            timings.append(self._finish_stage(timings, "denoiser", den_ep, ts))
-            yield event(stage_finished=generation_pb2.StageFinished(stage=common_pb2.STAGE_DENOISE,
-                                                                    seconds=timings[-1].seconds))
+            # One denoiser group runs the schedule, or two experts run it in turn (Wan2.2): the first group runs
+            # its share and reports where it stopped (summary.end_step); the orchestrator hands the latents and
+            # the scheduler's history to the second expert's group, which runs the rest.
+            pool: StagePool | None = route.denoiser
+            while pool is not None:
+                ts = time.perf_counter()
+                den_ep = await self._pick(pool)
+                yield event(stage_started=generation_pb2.StageStarted(stage=common_pb2.STAGE_DENOISE,
+                                                                      endpoint=den_ep.address))
+                chunks, summary = [], None
+                call = den_ep.stub.Denoise(den_req, timeout=timeout(), metadata=metadata)
+                try:
+                    with den_ep.errors():
+                        async for resp in call:
+                            kind = resp.WhichOneof("event")
+                            if kind == "progress":
+                                p = resp.progress
+                                step_seconds.append(p.step_seconds)
+                                yield event(step=generation_pb2.StepProgress(step=p.step, total_steps=p.total_steps,
+                                                                             step_seconds=p.step_seconds))
+                            elif kind == "latents_chunk":
+                                chunks.append(resp.latents_chunk)
+                            elif kind == "summary":
+                                summary = resp.summary
+                                stage_md.update(resp.summary.metadata)
+                finally:
+                    call.cancel()
+                if not chunks:
+                    raise Unavailable(f"denoiser stage at {den_ep.address} ended the stream without latents")
+                timings.append(self._finish_stage(timings, "denoiser", den_ep, ts))
+                yield event(stage_finished=generation_pb2.StageFinished(stage=common_pb2.STAGE_DENOISE,
+                                                                        seconds=timings[-1].seconds))
+                end = summary.end_step if summary is not None and summary.end_step else settings.steps
+                pool = None
+                if end < settings.steps:
+                    if route.denoiser_2 is None or den_req.start_step > 0:
+                        raise FailedPrecondition(
+                            f"model {request.model!r}: the denoiser at {den_ep.address} ran steps [0, {end}) of "
+                            f"{settings.steps}; the rest needs the second expert's denoiser group (route denoiser_2)")
+                    den_req = self._hand_over(den_req, chunks, summary, end)
+                    pool = route.denoiser_2
 
             # -- decode --------------------------------------------------------------------------------------------
             header = vae_pb2.DecodeHeader(request_id=request_id, model=request.model, width=settings.width,
                                           height=settings.height, frames=settings.frames,
-                                          formats=list(request.output_formats))
+                                          formats=list(request.output_formats), fps=settings.fps)
 
             def decode_messages() -> AsyncIterator[vae_pb2.DecodeRequest]:
                 async def gen() -> AsyncIterator[vae_pb2.DecodeRequest]:
@@ -324,9 +374,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             result = generation_pb2.GenerationResult(
                 artifacts=dec.artifacts, seed=settings.seed, warnings=warnings, width=settings.width,
                 height=settings.height, frames=settings.frames, steps=settings.steps,
-                guidance_scale=settings.guidance_scale, metadata=stage_md,
+                guidance_scale=settings.guidance_scale, metadata=stage_md, fps=settings.fps,
                 timings=generation_pb2.Timings(stages=timings, step_seconds=step_seconds, total_seconds=total,
                                                queue_seconds=queue_seconds))
+            if route.denoiser_2 is not None:
+                result.guidance_scale_2 = (settings.guidance_scale if settings.guidance_scale_2 is None
+                                           else settings.guidance_scale_2)
             log.info("generation_done", total_seconds=round(total, 4))
             yield event(result=result)
         finally:
@@ -337,6 +390,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def _finish_stage(timings: list, stage: str, ep: StageEndpoint, started: float) -> common_pb2.StageTiming:
         return common_pb2.StageTiming(stage=STAGE_ENUM[stage], seconds=time.perf_counter() - started,
                                       endpoint=ep.address)
+
+    def _hand_over(self, first: denoiser_pb2.DenoiseRequest, chunks: list[tensor_pb2.TensorChunk],
+                   summary: denoiser_pb2.DenoiseSummary, start_step: int) -> denoiser_pb2.DenoiseRequest:
+        """The second expert's request: the first group's latents (reassembled into one tensor) and scheduler
+        state, continuing at ``start_step`` to the end of the schedule."""
+        assembler = codec.ChunkAssembler(self.config.server.max_tensor_bytes, "latents")
+        for chunk in chunks:
+            assembler.add(chunk)
+        second = denoiser_pb2.DenoiseRequest()
+        second.CopyFrom(first)
+        second.start_step, second.end_step, second.return_scheduler_state = start_step, 0, False
+        second.initial_latents.CopyFrom(codec.to_proto(assembler.tensor(), self.config.server.max_tensor_bytes,
+                                                       "initial_latents"))
+        del second.scheduler_state[:]
+        second.scheduler_state.extend(summary.scheduler_state)
+        return second
 
     @staticmethod
     async def _pick(pool: StagePool) -> StageEndpoint:

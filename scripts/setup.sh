@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,video]"
+.venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -c "import torch, diffusers, grpc; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'grpcio', grpc.__version__)"
 # The Node.js client's packages (its tests run against a live stack); Node 18+ and npm are expected on the machine.
 if command -v npm >/dev/null 2>&1; then

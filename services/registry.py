@@ -11,8 +11,9 @@ from pathlib import Path
 from services.errors import InvalidArgument
 from services.families.base import FamilyAdapter
 from services.families.flux import FluxAdapter
+from services.families.wan import WanAdapter
 
-ADAPTERS: tuple[type[FamilyAdapter], ...] = (FluxAdapter,)
+ADAPTERS: tuple[type[FamilyAdapter], ...] = (FluxAdapter, WanAdapter)
 """Every supported family, one adapter class each."""
 
 STAGES = ("encoder", "denoiser", "vae")

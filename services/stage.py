@@ -30,7 +30,8 @@ def limits_to_proto(lim: Limits) -> common_pb2.ModelLimits:
         max_prompt_tokens=lim.max_prompt_tokens, supports_video=lim.supports_video, frame_multiple=lim.frame_multiple,
         max_frames=lim.max_frames, guidance_kind=_GUIDANCE[lim.guidance_kind], default_steps=lim.default_steps,
         default_guidance_scale=lim.default_guidance_scale, default_width=lim.default_width,
-        default_height=lim.default_height, default_frames=lim.default_frames,
+        default_height=lim.default_height, default_frames=lim.default_frames, experts=lim.experts,
+        default_fps=lim.default_fps,
         cfg_guidance_threshold=lim.cfg_threshold, cfg_needs_negative_prompt=lim.cfg_needs_negative_prompt,
     )
 
@@ -42,7 +43,7 @@ def limits_from_proto(msg: common_pb2.ModelLimits) -> Limits:
                   default_guidance_scale=msg.default_guidance_scale, default_width=msg.default_width,
                   default_height=msg.default_height, supports_video=msg.supports_video,
                   frame_multiple=msg.frame_multiple or 1, max_frames=msg.max_frames or 1,
-                  default_frames=msg.default_frames or 1,
+                  default_frames=msg.default_frames or 1, experts=msg.experts or 1, default_fps=msg.default_fps,
                   cfg_threshold=msg.cfg_guidance_threshold if msg.HasField("cfg_guidance_threshold") else 1.0,
                   cfg_needs_negative_prompt=msg.cfg_needs_negative_prompt)
 

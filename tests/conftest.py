@@ -20,6 +20,18 @@ def tiny_flux(checkpoints_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wan(checkpoints_dir: Path) -> Path:
+    """Tiny Wan2.1-T2V (one transformer)."""
+    return build_tiny("wan", checkpoints_dir / "tiny-wan", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan22(checkpoints_dir: Path) -> Path:
+    """Tiny Wan2.2-T2V-A14B layout (two experts); same seed as tiny_wan, so its UMT5 and VAE are identical."""
+    return build_tiny("wan22", checkpoints_dir / "tiny-wan22", seed=0)
+
+
+@pytest.fixture(scope="session")
 def flux_stack(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory):
     """The four services on loopback ports, serving the tiny Flux checkpoint on the CPU in float32."""
     from clients.stack import LocalStack, StackConfig

@@ -28,3 +28,23 @@ def flux_reference(checkpoint: Path, prompt: str, *, width: int, height: int, st
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def wan_reference(checkpoint: Path, prompt: str, *, negative_prompt: str | None, width: int, height: int, frames: int,
+                  steps: int, guidance: float, seed: int, guidance_2: float | None = None,
+                  output_type: str = "np"):
+    """WanPipeline in one process (both experts for a Wan2.2 folder): uint8 frames [F, H, W, 3], rounded as
+    diffusers' ``numpy_to_pil`` does, or the latents for output_type='latent'."""
+    from diffusers import WanPipeline
+
+    from services.families.wan import WanAdapter
+
+    pipe = WanPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {} if guidance_2 is None else {"guidance_scale_2": guidance_2}
+    out = pipe(prompt, negative_prompt=negative_prompt, width=width, height=height, num_frames=frames,
+               num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(seed),
+               max_sequence_length=WanAdapter(checkpoint).max_sequence_length, output_type=output_type, **extra)
+    if output_type == "latent":
+        return out.frames
+    return (out.frames[0] * 255).round().astype(np.uint8)

@@ -50,6 +50,10 @@ class Limits:
     frame_multiple: int = 1
     max_frames: int = 1
     default_frames: int = 1
+    experts: int = 1
+    """Transformers the schedule is split between (2 for Wan2.2-A14B: one denoiser group each)."""
+    default_fps: float = 0.0
+    """Frame rate of encoded video when a request sets none (video families)."""
     cfg_threshold: float = 1.0
     """With ``guidance_kind == "cfg"``: CFG runs only when guidance_scale is above this (Z-Image: 0)."""
     cfg_needs_negative_prompt: bool = False
@@ -72,6 +76,8 @@ class SamplingParams:
     guidance_scale: float
     seed: int
     frames: int = 1
+    guidance_scale_2: float | None = None
+    """Guidance of the second expert (two-expert families); None means guidance_scale."""
 
 
 @dataclass
@@ -207,6 +213,28 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def forward(self, model: Any, state: DenoiseState, latents: torch.Tensor, step: int, branch: Branch) -> torch.Tensor:
         """One transformer call for one CFG branch at step index ``step``; returns the model prediction."""
+
+    def expert_components(self) -> tuple[str, ...]:
+        """The transformers the schedule is split between, in schedule order; one denoiser group runs each."""
+        return ("transformer",)
+
+    def expert_range(self, component: str, params: SamplingParams) -> tuple[int, int]:
+        """The steps ``[lo, hi)`` of the schedule that transformer ``component`` runs (all of them for one expert)."""
+        if component not in self.expert_components():
+            raise InvalidArgument(f"component={component!r}: the {self.family} family has {self.expert_components()}")
+        return 0, params.steps
+
+    def export_scheduler_state(self, state: DenoiseState) -> dict[str, torch.Tensor]:
+        """The scheduler's per-run state (multistep history) as named CPU tensors, for a hand-over to another group."""
+        from services.families.scheduler_state import export_state
+
+        return export_state(state.scheduler)
+
+    def import_scheduler_state(self, state: DenoiseState, tensors: dict[str, torch.Tensor]) -> None:
+        """Resume ``state``'s freshly prepared scheduler from ``export_scheduler_state``'s output."""
+        from services.families.scheduler_state import import_state
+
+        import_state(state.scheduler, tensors, state.latents.device)
 
     def install_attention(self, model: Any, ops: Any) -> int:
         """Route every attention module of the loaded transformer through ``ops`` (``services.attention.AttentionOps``:

@@ -1,0 +1,94 @@
+"""A scheduler's per-run state as named tensors, so that a second denoiser group can resume a run exactly.
+
+Multistep schedulers (UniPC, DPM-Solver) keep a history between steps: the last model outputs, the last sample,
+how many lower-order warm-up steps were taken. When Wan2.2's high-noise expert hands the latents to the group
+running the low-noise expert, the diffusers pipeline keeps using the *same* scheduler object, so the second group
+must resume with that history or its first step (UniPC's corrector, the second-order predictor) differs.
+
+What travels: the attributes in ``STATE_ATTRIBUTES`` that the scheduler has, everything ``step`` mutates except
+the step index (the receiving group sets it with ``set_begin_index(start_step)``). Names encode structure and
+Python type, so no side channel is needed:
+
+- ``last_sample``: a tensor attribute; ``model_outputs.1``: item 1 of a list attribute (``None`` items are left out);
+- ``lower_order_nums#int`` / ``dt#float``: a Python number, carried as a 0-d int64 / float64 tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from services.errors import InvalidArgument
+
+STATE_ATTRIBUTES: tuple[str, ...] = (
+    "model_outputs", "timestep_list", "last_sample", "lower_order_nums", "this_order",  # UniPC, DPM-Solver
+    "sample", "prev_derivative", "dt",  # single-step / Heun-style schedulers
+)
+"""Per-run attributes of diffusers schedulers that ``step`` mutates (besides ``_step_index``)."""
+
+_NAME = re.compile(r"^(?P<attr>[a-z_]+)(?:\.(?P<index>\d+))?(?:#(?P<kind>int|float))?$")
+
+
+def _encode(value: Any) -> tuple[str, torch.Tensor] | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return "", value.detach().to("cpu")
+    if isinstance(value, bool):
+        raise TypeError("bool scheduler state is not supported")
+    if isinstance(value, int):
+        return "#int", torch.tensor(value, dtype=torch.int64)
+    if isinstance(value, float):
+        return "#float", torch.tensor(value, dtype=torch.float64)
+    raise TypeError(f"scheduler state of type {type(value).__name__} cannot travel")
+
+
+def export_state(scheduler: Any) -> dict[str, torch.Tensor]:
+    """The per-run state of ``scheduler`` as named CPU tensors (see the module docstring for the names)."""
+    out: dict[str, torch.Tensor] = {}
+    for attr in STATE_ATTRIBUTES:
+        if not hasattr(scheduler, attr):
+            continue
+        value = getattr(scheduler, attr)
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for index, item in items:
+            encoded = _encode(item)
+            if encoded is None:
+                continue
+            suffix, tensor = encoded
+            name = attr if index is None else f"{attr}.{index}"
+            out[name + suffix] = tensor
+    return out
+
+
+def import_state(scheduler: Any, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore ``export_state``'s output into a scheduler prepared for the same schedule (``set_timesteps`` done).
+
+    Raises InvalidArgument naming the entry when a name does not fit this scheduler.
+    """
+    for name, tensor in sorted(tensors.items()):
+        m = _NAME.match(name)
+        attr = m["attr"] if m else ""
+        # attributes a fresh scheduler may lack (UniPC's this_order exists only after a step) are accepted
+        if not m or attr not in STATE_ATTRIBUTES:
+            raise InvalidArgument(f"scheduler_state: {name!r} is not a scheduler state entry (attributes: "
+                                  f"{list(STATE_ATTRIBUTES)}, list items as name.N, numbers as name#int/name#float)")
+        if m["kind"] is not None:
+            if tensor.numel() != 1:
+                raise InvalidArgument(f"scheduler_state: {name!r} must hold one number, got shape {list(tensor.shape)}")
+            value: Any = int(tensor.item()) if m["kind"] == "int" else float(tensor.item())
+        else:
+            value = tensor.to(device)
+        if m["index"] is None:
+            setattr(scheduler, attr, value)
+            continue
+        current = getattr(scheduler, attr)
+        index = int(m["index"])
+        if not isinstance(current, list) or index >= len(current):
+            size = len(current) if isinstance(current, list) else "not a list"
+            raise InvalidArgument(f"scheduler_state: {name!r} is out of range for {attr} ({size})")
+        current = list(current)
+        current[index] = value
+        setattr(scheduler, attr, current)

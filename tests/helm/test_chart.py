@@ -1,0 +1,123 @@
+"""The Helm chart: lint, schema, rendered manifests valid for Kubernetes (offline), and the rendered service configs
+accepted by the services' own config classes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from denoiser_svc.config import DenoiserServiceConfig
+from encoder_svc.config import EncoderServiceConfig
+from orchestrator.config import OrchestratorConfig
+from services.config import from_dict
+from vae_svc.config import VaeServiceConfig
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "chitu"
+K8S_VERSION = "1.30.0"
+CONFIG_CLASSES = {"encoder": EncoderServiceConfig, "denoiser": DenoiserServiceConfig, "vae": VaeServiceConfig}
+SERVICES = {"encoder": "chitu.v1.TextEncoderService", "denoiser": "chitu.v1.DenoiserService",
+            "vae": "chitu.v1.VaeService"}
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    out = subprocess.run(["bash", str(REPO / "scripts" / "get_helm.sh")], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    return str(REPO / out.stdout.strip().splitlines()[-1])
+
+
+def render(helm: str, *sets: str) -> list[dict]:
+    args = [helm, "template", "rel", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def render_error(helm: str, *sets: str) -> str:
+    args = [helm, "template", "rel", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode != 0, "rendering should have failed"
+    return proc.stderr
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def test_lint(helm: str) -> None:
+    proc = subprocess.run([helm, "lint", str(CHART)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_default_render_is_valid_kubernetes(helm: str) -> None:
+    docs = render(helm)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    deployments = by_kind(docs, "Deployment")
+    assert set(deployments) == {"rel-chitu-orchestrator", "rel-chitu-flux-dev-encoder", "rel-chitu-flux-dev-denoiser",
+                                "rel-chitu-flux-dev-vae"}
+    for name, dep in deployments.items():
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        assert not container["image"].endswith(":latest") and ":" in container["image"]
+        assert container["startupProbe"]["grpc"]["port"] == 50051
+        assert container["readinessProbe"]["grpc"]["port"] == 50051
+        assert container["args"][:2] == ["serve", name.rsplit("-", 1)[-1]] or name.endswith("orchestrator")
+        gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+        assert (gpus is None) == name.endswith("orchestrator")
+    for stage, service in SERVICES.items():
+        probe = deployments[f"rel-chitu-flux-dev-{stage}"]["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+        assert probe["grpc"]["service"] == service
+    assert set(by_kind(docs, "PodDisruptionBudget")) == set(deployments)
+    assert not by_kind(docs, "HorizontalPodAutoscaler")
+
+
+def test_rendered_configs_load_with_the_service_config_classes(helm: str) -> None:
+    docs = render(helm, "models[0].name=flux-dev", "models[0].checkpoint=/models/flux",
+                  "models[1].name=wan", "models[1].checkpoint=/models/wan",
+                  "models[1].denoiser.gpus=4", "models[1].denoiser.parallel.ulysses_degree=2",
+                  "models[1].denoiser.parallel.cfg_degree=2")
+    data = by_kind(docs, "ConfigMap")["rel-chitu-config"]["data"]
+    orch = from_dict(OrchestratorConfig, yaml.safe_load(data["orchestrator.yaml"]))
+    services = set(by_kind(docs, "Service"))
+    for route in orch.routes:
+        for stage in ("encoder", "denoiser", "vae"):
+            (endpoint,) = getattr(route, stage)
+            host, port = endpoint.rsplit(":", 1)
+            assert host in services and port == "50051"
+    for model in ("flux-dev", "wan"):
+        for stage, cls in CONFIG_CLASSES.items():
+            cfg = from_dict(cls, yaml.safe_load(data[f"{model}-{stage}.yaml"]))
+            assert cfg.model.name == model and cfg.server.host == "0.0.0.0"
+    wan = from_dict(DenoiserServiceConfig, yaml.safe_load(data["wan-denoiser.yaml"]))
+    assert (wan.parallel.cfg_degree, wan.parallel.ulysses_degree, wan.parallel.ring_degree) == (2, 2, 1)
+    dep = by_kind(docs, "Deployment")["rel-chitu-wan-denoiser"]
+    assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+
+
+def test_autoscaling_on_queue_depth(helm: str) -> None:
+    docs = render(helm, "denoiser.autoscaling.enabled=true", "vae.autoscaling.enabled=true",
+                  "orchestrator.autoscaling.enabled=true")
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    assert set(hpas) == {"rel-chitu-flux-dev-denoiser", "rel-chitu-flux-dev-vae", "rel-chitu-orchestrator"}
+    assert hpas["rel-chitu-flux-dev-denoiser"]["spec"]["metrics"][0]["pods"]["metric"]["name"] == "chitu_queue_depth"
+    assert hpas["rel-chitu-orchestrator"]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    # an autoscaled Deployment leaves replicas to the HPA
+    assert "replicas" not in by_kind(docs, "Deployment")["rel-chitu-flux-dev-denoiser"]["spec"]
+
+
+def test_bad_values_fail_with_a_message(helm: str) -> None:
+    assert "must equal cfg_degree*ulysses_degree*ring_degree" in render_error(helm, "denoiser.gpus=2")
+    assert "/image/tag" in render_error(helm, "image.tag=latest")
+    assert "additional properties 'bogus'" in render_error(helm, "denoiser.bogus=1")
+    assert "/denoiser/parallel/cfg_degree" in render_error(helm, "denoiser.parallel.cfg_degree=3")
