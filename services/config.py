@@ -43,6 +43,8 @@ class ServerConfig:
     """On SIGTERM: how long in-flight requests may take to finish before the server stops."""
     ready_file: str = ""
     """If set, ``host:port`` is written here once the service is SERVING (used by ``chitu up``)."""
+    metrics_port: int = -1
+    """Port of the Prometheus ``/metrics`` endpoint (same host); -1 disables it, 0 picks a free port."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest log level written (JSON lines on stderr)."""
     log_file: str = ""
@@ -55,6 +57,8 @@ class ServerConfig:
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"server.port must be in [0, 65535], got {self.port}")
+        if not -1 <= self.metrics_port < 65536:
+            raise ConfigError(f"server.metrics_port must be -1 (off) or in [0, 65535], got {self.metrics_port}")
         if self.max_message_mb < 1:
             raise ConfigError(f"server.max_message_mb must be >= 1, got {self.max_message_mb}")
         if self.max_tensor_mb < 1:

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from services.config import ServerConfig
 from services.errors import ServiceError
 from services.log import get_logger
+from services.metrics import ServiceMetrics
 
 log = get_logger(__name__)
 
@@ -73,7 +74,28 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
 
 
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
-    """Binds the request id to the handler's logs and maps errors to statuses, for all four RPC shapes."""
+    """Binds the request id to the handler's logs, maps errors to statuses and records RPC metrics, for all four
+    RPC shapes."""
+
+    def __init__(self, metrics: ServiceMetrics | None = None):
+        self.metrics = metrics
+
+    def _observe(self, method: str, started: float, code: grpc.StatusCode) -> None:
+        if self.metrics is None:
+            return
+        name = self.metrics.service
+        self.metrics.requests.labels(name, method, code.name).inc()
+        self.metrics.seconds.labels(name, method).observe(time.perf_counter() - started)
+        self.metrics.in_flight.labels(name, method).dec()
+        if self.metrics.is_work(method):
+            self.metrics.work_in_flight -= 1
+
+    def _start(self, method: str) -> float:
+        if self.metrics is not None:
+            self.metrics.in_flight.labels(self.metrics.service, method).inc()
+            if self.metrics.is_work(method):
+                self.metrics.work_in_flight += 1
+        return time.perf_counter()
 
     async def intercept_service(self, continuation: Callable[..., Awaitable[grpc.RpcMethodHandler]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -95,12 +117,20 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_out(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
                 bind()
+                started, code = self._start(method), grpc.StatusCode.OK
                 try:
                     return await inner(request_or_iterator, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 except Exception as exc:  # noqa: BLE001 - boundary: every error becomes a status
+                    code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
                     await _abort_for(exc, context, method)
+                finally:
+                    self._observe(method, started, code)
 
             factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                        else grpc.stream_unary_rpc_method_handler)
@@ -109,13 +139,21 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_out(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
                 bind()
+                started, code = self._start(method), grpc.StatusCode.OK
                 try:
                     async for item in inner(request_or_iterator, context):
                         yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 except Exception as exc:  # noqa: BLE001 - boundary: every error becomes a status
+                    code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
                     await _abort_for(exc, context, method)
+                finally:
+                    self._observe(method, started, code)
 
             factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
                        else grpc.stream_stream_rpc_method_handler)
@@ -130,11 +168,13 @@ class ServiceHost:
         self.name = name
         self.config = config
         self.service_names = list(service_names)
-        self.server = grpc.aio.server(interceptors=[RequestIdInterceptor()],
+        self.metrics = ServiceMetrics(name)
+        self.server = grpc.aio.server(interceptors=[RequestIdInterceptor(self.metrics)],
                                       options=server_options(config.max_message_mb))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
+        self.metrics_port = -1
         self._stop = asyncio.Event()
         self.serving = False
 
@@ -145,6 +185,7 @@ class ServiceHost:
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         self.serving = serving
+        self.metrics.serving.labels(self.name).set(1 if serving else 0)
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
@@ -159,7 +200,9 @@ class ServiceHost:
             raise RuntimeError(f"{self.name}: could not bind {self.config.host}:{self.config.port}")
         await self.set_serving(False)
         await self.server.start()
-        log.info("server_started", address=self.address, serving=False)
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.start_http(self.config.host, self.config.metrics_port)
+        log.info("server_started", address=self.address, serving=False, metrics_port=self.metrics_port)
 
     async def run(self, load: Callable[[], Awaitable[None]],
                   on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -186,6 +229,7 @@ class ServiceHost:
         if on_drain is not None:
             await on_drain()
         await self.server.stop(self.config.grace_seconds)
+        self.metrics.stop_http()
         log.info("stopped")
 
     def _write_ready_file(self) -> None:

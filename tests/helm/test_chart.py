@@ -71,6 +71,8 @@ def test_default_render_is_valid_kubernetes(helm: str) -> None:
         assert container["startupProbe"]["grpc"]["port"] == 50051
         assert container["readinessProbe"]["grpc"]["port"] == 50051
         assert container["args"][:2] == ["serve", name.rsplit("-", 1)[-1]] or name.endswith("orchestrator")
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "metrics": 9400}
+        assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9400"
         gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
         assert (gpus is None) == name.endswith("orchestrator")
     for stage, service in SERVICES.items():
@@ -96,7 +98,7 @@ def test_rendered_configs_load_with_the_service_config_classes(helm: str) -> Non
     for model in ("flux-dev", "wan"):
         for stage, cls in CONFIG_CLASSES.items():
             cfg = from_dict(cls, yaml.safe_load(data[f"{model}-{stage}.yaml"]))
-            assert cfg.model.name == model and cfg.server.host == "0.0.0.0"
+            assert cfg.model.name == model and cfg.server.host == "0.0.0.0" and cfg.server.metrics_port == 9400
     wan = from_dict(DenoiserServiceConfig, yaml.safe_load(data["wan-denoiser.yaml"]))
     assert (wan.parallel.cfg_degree, wan.parallel.ulysses_degree, wan.parallel.ring_degree) == (2, 2, 1)
     dep = by_kind(docs, "Deployment")["rel-chitu-wan-denoiser"]
