@@ -169,3 +169,16 @@ def test_real_size_configs_build(variant: str, transformer_b: tuple[float, float
     assert vae.config.z_dim == transformer.config.in_channels == 16
     assert (cfg["transformer_2"] is not None) == (experts == 2)
     UniPCMultistepScheduler(**cfg["scheduler"])
+
+
+def test_linked_experts_folder_loads(tmp_path: Path) -> None:
+    """The disk-saving layout for real-size smoke runs: transformer_2 is a symlink to transformer."""
+    from diffusers import WanPipeline
+
+    from services.tiny.wan import build_wan, tiny_configs
+
+    folder = build_wan(tmp_path / "linked", tiny_configs(two_experts=True), link_experts=True)
+    assert (folder / "transformer_2").is_symlink()
+    pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+    assert torch.equal(pipe.transformer_2.proj_out.weight, pipe.transformer.proj_out.weight)
+    assert load_adapter(folder).expert_components() == ("transformer", "transformer_2")
