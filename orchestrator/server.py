@@ -331,12 +331,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                 stage_md.update(resp.summary.metadata)
                 finally:
                     call.cancel()
-                if not chunks:
-                    raise Unavailable(f"denoiser stage at {den_ep.address} ended the stream without latents")
+                if not chunks or summary is None:
+                    raise Unavailable(f"denoiser stage at {den_ep.address} ended the stream without latents or "
+                                      "summary")
                 timings.append(self._finish_stage(timings, "denoiser", den_ep, ts))
                 yield event(stage_finished=generation_pb2.StageFinished(stage=common_pb2.STAGE_DENOISE,
                                                                         seconds=timings[-1].seconds))
-                end = summary.end_step if summary is not None and summary.end_step else settings.steps
+                end = summary.end_step  # 0 when the first expert's share is empty (the second runs every step)
                 pool = None
                 if end < settings.steps:
                     if route.denoiser_2 is None or den_req.start_step > 0:

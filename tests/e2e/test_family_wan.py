@@ -1,14 +1,16 @@
 """Wan2.1 and Wan2.2 through real service processes on loopback ports, against WanPipeline in one process.
 
-One stack serves both tiny checkpoints (built with the same seed, so their UMT5 and VAE are identical): one
-encoder and one VAE shared by both models, a denoiser group for Wan2.1, and two denoiser groups for Wan2.2 (high-
-and low-noise expert). Tolerances (CPU, float32, same kernels in the same order as the pipeline): frames within
-1/255 (in practice identical), latents within 1e-5 relative.
+One stack serves three tiny checkpoints built with the same seed, so their UMT5 and VAE are identical: one encoder
+and one VAE shared by all, a denoiser group for Wan2.1, and two denoiser groups (high- and low-noise expert) for
+Wan2.2 and for a copy of it whose boundary_ratio leaves the first expert no step. Tolerances (CPU, float32, same
+kernels in the same order as the pipeline): frames within 1/255 (in practice identical), latents within 1e-5
+relative.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,11 +45,23 @@ WAN22 = {"steps": 4, "guidance": 4.0, "guidance_2": 2.5}  # tiny boundary 0.875,
 
 
 @pytest.fixture(scope="module")
-def wan_stack(tiny_wan: Path, tiny_wan22: Path, tmp_path_factory: pytest.TempPathFactory):
+def wan22_late(tiny_wan22: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wan2.2 with boundary_ratio 0.9999: every timestep (<= 999) is below the boundary, so the high-noise
+    expert's share is empty and the low-noise expert runs the whole schedule."""
+    folder = tmp_path_factory.mktemp("late") / "tiny-wan22-late"
+    shutil.copytree(tiny_wan22, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.9999}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wan_stack(tiny_wan: Path, tiny_wan22: Path, wan22_late: Path, tmp_path_factory: pytest.TempPathFactory):
     from clients.stack import LocalStack, StackConfig
 
-    cfg = StackConfig(checkpoints={"tiny-wan": str(tiny_wan), "tiny-wan22": str(tiny_wan22)}, listen="127.0.0.1:0",
-                      device="cpu", dtype="float32", hash_cache="")
+    cfg = StackConfig(checkpoints={"tiny-wan": str(tiny_wan), "tiny-wan22": str(tiny_wan22),
+                                   "tiny-wan22-late": str(wan22_late)},
+                      listen="127.0.0.1:0", device="cpu", dtype="float32", hash_cache="")
     stack = LocalStack(cfg, workdir=tmp_path_factory.mktemp("wan-stack"))
     stack.start()
     yield stack
@@ -143,6 +157,23 @@ def test_wan22_two_groups_equal_pipeline(wan_stack, tiny_wan22: Path) -> None:
     assert [t.stage for t in result.timings.stages].count(common_pb2.STAGE_DENOISE) == 2
 
 
+@pytest.mark.parametrize(("model", "steps", "groups"), [("tiny-wan22", 1, 1), ("tiny-wan22-late", 3, 2)])
+def test_wan22_when_one_expert_has_no_step(wan_stack, tiny_wan22: Path, wan22_late: Path, model: str, steps: int,
+                                           groups: int) -> None:
+    """One step: the high-noise expert runs it and the second group is skipped. Boundary above every timestep: the
+    first group hands back the seeded noise untouched and the second runs every step. Both equal the pipeline."""
+    opts = GenerateOptions(width=W, height=H, frames=5, steps=steps, guidance_scale=4.0, seed=SEED, formats=["raw"])
+    with ChituClient(wan_stack.address) as c:
+        events = list(c.generate(PROMPT, model, opts, timeout=120))
+    checkpoint = tiny_wan22 if model == "tiny-wan22" else wan22_late
+    ref = wan_reference(checkpoint, PROMPT, negative_prompt=None, width=W, height=H, frames=5, steps=steps,
+                        guidance=4.0, seed=SEED)
+    assert _max_diff(_frames(events[-1].result), ref) <= 1
+    started = [e.stage_started.stage for e in events if e.HasField("stage_started")]
+    assert started.count(common_pb2.STAGE_DENOISE) == groups
+    assert [e.step.step for e in events if e.HasField("step")] == list(range(1, steps + 1))
+
+
 def test_wan22_handover_carries_scheduler_state(wan_stack, tiny_wan22: Path) -> None:
     """At the service level: group 1 stops at the boundary it computes and reports, group 2 resumes from the
     latents and UniPC's history (latents <= 1e-5 relative to the pipeline); without the history it differs."""
@@ -172,10 +203,10 @@ def test_shared_encoder_and_vae(wan_stack) -> None:
     """Identical UMT5 and VAE weights: one encoder and one VAE serve both models (the others' name as alias);
     ListModels shows every model's stages, Wan2.2 with its two denoiser groups."""
     kinds = [s.kind for s in wan_stack.services]
-    assert kinds.count("encoder") == 1 and kinds.count("vae") == 1 and kinds.count("denoiser") == 3
+    assert kinds.count("encoder") == 1 and kinds.count("vae") == 1 and kinds.count("denoiser") == 5
     with ChituClient(wan_stack.address) as c:
         models = {m.name: m for m in c.list_models().models}
-    assert set(models) == {"tiny-wan", "tiny-wan22"}
+    assert set(models) == {"tiny-wan", "tiny-wan22", "tiny-wan22-late"}
     by_stage = {name: {} for name in models}
     for name, m in models.items():
         assert m.family == "wan" and m.serving and m.limits.supports_video
@@ -185,7 +216,7 @@ def test_shared_encoder_and_vae(wan_stack) -> None:
         shared = {e.address for name in models for e in by_stage[name][stage]}
         assert len(shared) == 1, f"{common_pb2.Stage.Name(stage)} is not shared: {shared}"
         info = by_stage["tiny-wan"][stage][0].info
-        assert {info.model, *info.aliases} == {"tiny-wan", "tiny-wan22"}
+        assert {info.model, *info.aliases} == set(models)
     components = sorted(e.info.metadata["component"] for e in by_stage["tiny-wan22"][common_pb2.STAGE_DENOISE])
     assert components == ["transformer", "transformer_2"]
     assert models["tiny-wan22"].limits.experts == 2 and models["tiny-wan"].limits.experts == 1
