@@ -280,3 +280,24 @@ def test_expert_group_refuses_the_other_experts_steps(wan_stack) -> None:
         result = c.generate_result(PROMPT, "tiny-wan22", GenerateOptions(width=W, height=H, frames=5, steps=2, seed=1),
                                    timeout=120)
     assert result.artifacts[0].format == vae_pb2.MEDIA_FORMAT_MP4
+
+
+def test_two_expert_model_without_second_group_is_failed_precondition(wan_stack) -> None:
+    """A route for Wan2.2 that lists no denoiser_2: the first group stops at the boundary and the orchestrator says
+    what is missing instead of decoding half-denoised latents."""
+    import signal
+
+    s = wan_stack
+    route = {"model": "tiny-wan22", "encoder": [s.service("encoder").address], "vae": [s.service("vae").address],
+             "denoiser": [s.service("denoiser", "tiny-wan22").address]}
+    orch = s._write("orchestrator", "partial", {"server": {"host": "127.0.0.1", "port": 0}, "routes": [route]})
+    s._launch(orch)
+    try:
+        s._wait_ready([orch])
+        with grpc.insecure_channel(orch.address) as ch, pytest.raises(grpc.RpcError) as info:
+            list(generation_pb2_grpc.GenerationServiceStub(ch).Generate(generation_pb2.GenerateRequest(
+                model="tiny-wan22", prompt=PROMPT, width=W, height=H, frames=5, steps=4, seed=0), timeout=60))
+    finally:
+        s.kill(orch, signal.SIGTERM)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "[0, 2) of 4" in info.value.details() and "denoiser_2" in info.value.details()
