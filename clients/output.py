@@ -22,11 +22,23 @@ def result_summary(result: generation_pb2.GenerationResult, params: dict[str, An
         "warnings": list(result.warnings), "metadata": dict(result.metadata),
         "timings": {
             "total_seconds": timings.total_seconds, "queue_seconds": timings.queue_seconds,
-            "stages": {common_pb2.Stage.Name(s.stage).removeprefix("STAGE_").lower():
-                       {"seconds": s.seconds, "endpoint": s.endpoint} for s in timings.stages},
+            "stages": _stage_timings(timings.stages),
             "step_seconds": list(timings.step_seconds),
         },
     }
+
+
+def _stage_timings(stages: list[common_pb2.StageTiming]) -> dict[str, dict[str, Any]]:
+    """Stage name -> time and endpoint; a stage run twice (Wan2.2's two denoiser groups) gets ``denoise_2``."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in stages:
+        name = base = common_pb2.Stage.Name(s.stage).removeprefix("STAGE_").lower()
+        n = 1
+        while name in out:
+            n += 1
+            name = f"{base}_{n}"
+        out[name] = {"seconds": s.seconds, "endpoint": s.endpoint}
+    return out
 
 
 def write_result(out_dir: Path, request_id: str, result: generation_pb2.GenerationResult,

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from clients.client import ChituClient, GenerateOptions
+from clients.output import result_summary
 from services import codec
 from services.media import decode_png
 from services.proto.chitu.v1 import (
@@ -155,6 +156,9 @@ def test_wan22_two_groups_equal_pipeline(wan_stack, tiny_wan22: Path) -> None:
                          wan_stack.service("denoiser", "tiny-wan22.transformer_2").address]
     assert [e.step.step for e in events if e.HasField("step")] == list(range(1, WAN22["steps"] + 1))
     assert [t.stage for t in result.timings.stages].count(common_pb2.STAGE_DENOISE) == 2
+    sidecar = result_summary(result, {"model": "tiny-wan22"})
+    assert sidecar["timings"]["stages"]["denoise_2"]["endpoint"] == denoisers[1]
+    assert sidecar["guidance_scale_2"] == pytest.approx(WAN22["guidance_2"])
 
 
 @pytest.mark.parametrize(("model", "steps", "groups"), [("tiny-wan22", 1, 1), ("tiny-wan22-late", 3, 2)])
