@@ -11,9 +11,13 @@ from pathlib import Path
 from services.errors import InvalidArgument
 from services.families.base import FamilyAdapter
 from services.families.flux import FluxAdapter
+from services.families.flux2_klein import Flux2KleinAdapter
+from services.families.qwen_image import QwenImageAdapter
 from services.families.wan import WanAdapter
+from services.families.z_image import ZImageAdapter
 
-ADAPTERS: tuple[type[FamilyAdapter], ...] = (FluxAdapter, WanAdapter)
+ADAPTERS: tuple[type[FamilyAdapter], ...] = (FluxAdapter, WanAdapter, Flux2KleinAdapter, QwenImageAdapter,
+                                              ZImageAdapter)
 """Every supported family, one adapter class each."""
 
 STAGES = ("encoder", "denoiser", "vae")

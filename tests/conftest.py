@@ -41,3 +41,25 @@ def flux_stack(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory):
     stack.start()
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein(checkpoints_dir: Path) -> Path:
+    """FLUX.2-klein-4B's architecture at toy size (step-distilled: no CFG)."""
+    return build_tiny("flux2_klein", checkpoints_dir / "tiny-flux2-klein", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_base(checkpoints_dir: Path) -> Path:
+    """The undistilled FLUX.2-klein base variant at toy size (CFG with an empty negative prompt)."""
+    return build_tiny("flux2_klein_base", checkpoints_dir / "tiny-flux2-klein-base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(checkpoints_dir: Path) -> Path:
+    return build_tiny("qwen_image", checkpoints_dir / "tiny-qwen-image", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image(checkpoints_dir: Path) -> Path:
+    return build_tiny("z_image", checkpoints_dir / "tiny-z-image", seed=0)

@@ -1,0 +1,165 @@
+"""How a GPU stage runs its model: attention backend choice, fused projections, regional compilation, CUDA graphs.
+
+``RuntimeConfig`` is the per-stage config; the helpers apply it to a loaded diffusers transformer:
+
+- ``fuse_projections``: one GEMM for Q, K and V (and for the added text projections) instead of three. The
+  separate ``to_q``/``to_k``/``to_v`` weights become views of the fused weight, so no memory is added and any code
+  that still calls them computes the same thing.
+- ``regional_compile``: ``torch.compile`` of each instance of the model's repeated block classes (diffusers'
+  ``_repeated_blocks``), not of the whole model: one compiled graph serves every block of a class, compile time is
+  that of one block, and everything outside the blocks (the step loop, the scheduler, hooks registered on the blocks
+  after compilation, the sequence-parallel collectives, which are ``torch.compiler.disable``'d) stays eager.
+  CUDA graphs, when enabled, are inductor's CUDA-graph trees around the compiled blocks (static shapes only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+
+from services.config import ConfigError
+from services.log import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """Kernel choice and compilation of one stage's model."""
+
+    attention_backend: str = "auto"
+    """Attention kernel: ``auto`` (timed on this device at start-up, see docs/performance.md) or a name from
+    ``services.attention.backends.BackendName`` (sdpa, sdpa_cudnn, sdpa_flash, sdpa_efficient, sdpa_math, sage,
+    flash_attn, flash_attn3)."""
+    allow_lossy: bool = False
+    """Let ``auto`` choose lossy kernels (8-bit SageAttention) when they are faster; off means exact kernels only."""
+    exact_max_rel_error: float = 1e-2
+    """``auto``: largest relative error vs the float32 math kernel for an exact kernel (bf16 kernels measure ~3e-3)."""
+    lossy_max_rel_error: float = 5e-2
+    """``auto`` with ``allow_lossy``: largest relative error accepted for a lossy kernel."""
+    auto_min_gain: float = 0.03
+    """``auto``: a backend later in the preference order must be this much faster to replace an earlier one."""
+    fuse_qkv: bool = True
+    """Fuse the Q/K/V projections (and the added text projections) of every attention module into one GEMM."""
+    compile: Literal["auto", "on", "off"] | bool = "auto"
+    """Regional ``torch.compile`` of the repeated transformer blocks; ``auto`` is on for CUDA, off on the CPU.
+    (YAML reads a bare on/off as true/false: both spellings are accepted.)"""
+    compile_mode: Literal["default", "max-autotune"] = "default"
+    """Inductor mode: ``max-autotune`` also benchmarks Triton GEMM templates (longer start-up)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """Compiler backend; ``eager``/``aot_eager`` only trace (debugging, CPU tests)."""
+    cuda_graphs: bool = False
+    """Replay the compiled blocks as CUDA graphs (inductor CUDA-graph trees); needs compilation and static shapes."""
+
+    def validate(self) -> None:
+        from services.attention.backends import AUTO, BackendError, parse_name
+
+        if isinstance(self.compile, bool):
+            self.compile = "on" if self.compile else "off"
+
+        if self.attention_backend != AUTO:
+            try:
+                parse_name(self.attention_backend)
+            except BackendError as exc:
+                raise ConfigError(f"runtime.attention_backend: {exc}") from None
+        for name in ("exact_max_rel_error", "lossy_max_rel_error"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"runtime.{name} must be > 0, got {getattr(self, name)}")
+        if self.auto_min_gain < 0:
+            raise ConfigError(f"runtime.auto_min_gain must be >= 0, got {self.auto_min_gain}")
+        if self.cuda_graphs and self.compile == "off":
+            raise ConfigError("runtime.cuda_graphs needs runtime.compile on or auto (graphs wrap the compiled blocks)")
+
+    def compile_enabled(self, device: torch.device) -> bool:
+        return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
+
+    def inductor_mode(self, device: torch.device) -> str | None:
+        graphs = self.cuda_graphs and device.type == "cuda"
+        if self.compile_mode == "max-autotune":
+            return "max-autotune" if graphs else "max-autotune-no-cudagraphs"
+        return "reduce-overhead" if graphs else None
+
+
+def denoiser_module(handle: Any, component: str = "transformer") -> torch.nn.Module:
+    """The transformer inside an adapter's denoiser handle (a partial pipeline, or the module itself)."""
+    if isinstance(handle, torch.nn.Module):
+        return handle
+    module = getattr(handle, component, None) or getattr(handle, "transformer", None)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"denoiser handle {type(handle).__name__} has no {component!r} module")
+    return module
+
+
+_FUSED = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v")),
+          ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
+
+
+@torch.no_grad()
+def fuse_projections(model: torch.nn.Module) -> int:
+    """Fuse Q/K/V projections of every diffusers attention module that supports it; returns how many are fused."""
+    from diffusers.models.attention import AttentionModuleMixin
+
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, AttentionModuleMixin) or not module._supports_qkv_fusion:
+            continue
+        if getattr(module, "fused_projections", False):
+            n += 1
+            continue
+        if not hasattr(module, "to_q"):
+            continue
+        module.fuse_projections()
+        n += 1
+        for fused_name, parts in _FUSED:
+            fused = getattr(module, fused_name, None)
+            if fused is None or not all(getattr(module, p, None) is not None for p in parts):
+                continue
+            # the separate projections become views of the fused weight: no extra memory, same results
+            offset = 0
+            for p in parts:
+                lin = getattr(module, p)
+                rows = lin.weight.shape[0]
+                lin.weight.data = fused.weight.data[offset:offset + rows]
+                if lin.bias is not None and fused.bias is not None:
+                    lin.bias.data = fused.bias.data[offset:offset + rows]
+                offset += rows
+    return n
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Instances of the model's repeated block classes (diffusers' ``_repeated_blocks``)."""
+    names = set(getattr(model, "_repeated_blocks", None) or ())
+    if not names:
+        raise ValueError(f"{type(model).__name__} declares no _repeated_blocks; regional compilation needs them")
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__}: none of {sorted(names)} found among its modules")
+    return blocks
+
+
+def regional_compile(model: torch.nn.Module, cfg: RuntimeConfig, device: torch.device) -> dict[str, int]:
+    """``torch.compile`` the forward of every repeated block (see module doc); returns blocks compiled per class."""
+    # dynamic=None (torch's default): a second resolution recompiles once with dynamic shapes instead of one
+    # static graph per resolution
+    kwargs: dict[str, Any] = {"backend": cfg.compile_backend, "fullgraph": False}
+    if cfg.compile_backend == "inductor":
+        kwargs["mode"] = cfg.inductor_mode(device)
+    counts: dict[str, int] = {}
+    for block in repeated_blocks(model):
+        if getattr(block, "_chitu_compiled", False):
+            continue
+        block.forward = torch.compile(block.forward, **kwargs)
+        block._chitu_compiled = True
+        counts[type(block).__name__] = counts.get(type(block).__name__, 0) + 1
+    log.info("regional_compile", blocks=counts, **{k: str(v) for k, v in kwargs.items()})
+    return counts
+
+
+def undo_regional_compile(model: torch.nn.Module) -> None:
+    """Back to the eager block forwards."""
+    for block in repeated_blocks(model):
+        if getattr(block, "_chitu_compiled", False):
+            del block.forward
+            block._chitu_compiled = False

@@ -1,0 +1,186 @@
+"""RuntimeConfig and what the worker does with it (fused projections, regional compilation, kernel choice, lean
+steps), on the CPU with the tiny Flux checkpoint in float32.
+
+Tolerances: fused QKV runs one GEMM instead of three over the same dot products; float32 results differ only in
+summation order (< 1e-5 relative). The dynamo-traced blocks (``aot_eager``: no code generation, same aten ops) and
+the step constants compute exactly what eager does, so those comparisons are bit-exact.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from denoiser_svc.config import DenoiserServiceConfig
+from denoiser_svc.worker import Worker
+from services.attention import LOCAL_SDPA
+from services.config import ConfigError, ModelConfig, load_config
+from services.families.base import SamplingParams
+from services.registry import load_adapter
+from services.runtime import RuntimeConfig, fuse_projections, regional_compile, repeated_blocks, undo_regional_compile
+
+CPU = torch.device("cpu")
+PARAMS = SamplingParams(width=64, height=48, steps=3, guidance_scale=3.5, seed=3)
+
+
+def _denoise(adapter, model, conds, params=PARAMS) -> torch.Tensor:
+    state = adapter.prepare(model, params, conds, {}, None, 0, params.steps)
+    with torch.inference_mode():
+        for i in range(params.steps):
+            state.latents = adapter.scheduler_step(state, adapter.forward(model, state, state.latents, i, "cond"), i)
+    return state.latents
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_flux):
+    adapter = load_adapter(tiny_flux)
+    conds = adapter.warmup_conditionings(adapter.load_denoiser(torch.float32, CPU))[0]
+    return adapter, conds
+
+
+def test_config_validation_names_the_field(tmp_path: Path, tiny_flux) -> None:
+    base = [f"model.checkpoint={tiny_flux}"]
+    cfg = load_config(DenoiserServiceConfig, overrides=[*base, "runtime.attention_backend=sdpa_cudnn",
+                                                        "runtime.compile=on", "runtime.compile_mode=max-autotune"])
+    assert cfg.runtime.attention_backend == "sdpa_cudnn" and cfg.runtime.inductor_mode(torch.device("cuda")) == \
+        "max-autotune-no-cudagraphs"
+    with pytest.raises(ConfigError, match=r"runtime.attention_backend: unknown attention backend 'fast'.*sdpa_cudnn"):
+        load_config(DenoiserServiceConfig, overrides=[*base, "runtime.attention_backend=fast"])
+    with pytest.raises(ConfigError, match="runtime.cuda_graphs needs runtime.compile"):
+        load_config(DenoiserServiceConfig, overrides=[*base, "runtime.cuda_graphs=true", "runtime.compile=off"])
+    assert load_config(DenoiserServiceConfig, overrides=[*base, "runtime.compile=off"]).runtime.compile == "off"
+    with pytest.raises(ConfigError, match="runtime.compile_mode must be one of"):
+        load_config(DenoiserServiceConfig, overrides=[*base, "runtime.compile_mode=fastest"])
+    assert not RuntimeConfig().compile_enabled(CPU) and RuntimeConfig().compile_enabled(torch.device("cuda"))
+    assert RuntimeConfig(cuda_graphs=True).inductor_mode(torch.device("cuda")) == "reduce-overhead"
+
+
+def test_fused_projections_are_views_and_match(flux) -> None:
+    adapter, conds = flux
+    model = adapter.load_denoiser(torch.float32, CPU)
+    ref = _denoise(adapter, model, conds)
+    assert fuse_projections(model.transformer) == 3
+    attn = model.transformer.transformer_blocks[0].attn
+    assert attn.fused_projections
+    assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight.data_ptr() + attn.to_q.weight.numel() * 4
+    assert attn.add_v_proj.weight.untyped_storage().data_ptr() == attn.to_added_qkv.weight.untyped_storage().data_ptr()
+    fused = _denoise(adapter, model, conds)
+    assert float((fused - ref).norm() / ref.norm()) < 1e-5
+    assert fuse_projections(model.transformer) == 3  # idempotent
+
+
+def test_regional_compile_traces_the_blocks_and_keeps_hooks(flux) -> None:
+    adapter, conds = flux
+    model = adapter.load_denoiser(torch.float32, CPU)
+    ref = _denoise(adapter, model, conds)
+    torch._dynamo.reset()
+    counts = regional_compile(model.transformer, RuntimeConfig(compile="on", compile_backend="aot_eager"), CPU)
+    assert counts == {"FluxTransformerBlock": 1, "FluxSingleTransformerBlock": 2}
+    calls = []
+    block = repeated_blocks(model.transformer)[-1]
+    handle = block.register_forward_hook(lambda mod, args, out: calls.append(1))  # a FlexCache-style hook
+    try:
+        assert torch.equal(_denoise(adapter, model, conds), ref)
+    finally:
+        handle.remove()
+    assert len(calls) == PARAMS.steps
+    undo_regional_compile(model.transformer)
+    assert "forward" not in vars(block)
+
+
+def test_step_constants_are_computed_once_per_request(flux) -> None:
+    adapter, conds = flux
+    model = adapter.load_denoiser(torch.float32, CPU)
+    constants = model.step_constants
+    calls = {"rope": 0, "context": 0}
+    for name in calls:
+        inner = constants[name]._forward
+
+        def counting(*a, _name=name, _inner=inner, **k):
+            calls[_name] += 1
+            return _inner(*a, **k)
+
+        constants[name]._forward = counting
+    lean = _denoise(adapter, model, conds)
+    assert calls == {"rope": 1, "context": 1}  # in prepare, not in the 3 forwards
+    del model.step_constants  # the plain path: diffusers computes both in every forward
+    plain = _denoise(adapter, model, conds)
+    assert calls == {"rope": 1 + PARAMS.steps, "context": 1 + PARAMS.steps}
+    assert torch.equal(lean, plain)
+
+
+def _worker(tiny_flux, runtime: RuntimeConfig) -> Worker:
+    cfg = DenoiserServiceConfig(model=ModelConfig(checkpoint=str(tiny_flux), device="cpu", dtype="float32"),
+                                runtime=runtime)
+    worker = Worker(cfg)
+    worker.init_device()
+    worker.load_model()
+    worker.compile_or_warm_up_model(worker.warmup_job())
+    return worker
+
+
+def _run(worker: Worker, conds) -> torch.Tensor:
+    from denoiser_svc.types import DenoiseJob
+
+    job = DenoiseJob("r", params=PARAMS, conditionings=conds, start_step=0, end_step=PARAMS.steps)
+    worker.add_request(job)
+    for step in range(PARAMS.steps):
+        worker.execute_step("r", step).wait()
+    done = worker.finish_request("r")
+    return getattr(done, "latents", done)
+
+
+@pytest.mark.parametrize("runtime", [RuntimeConfig(), RuntimeConfig(attention_backend="sdpa_math", fuse_qkv=False),
+                                     RuntimeConfig(compile="on", compile_backend="aot_eager")],
+                         ids=["auto", "math-unfused", "auto-compiled"])
+def test_worker_applies_the_runtime_config(tiny_flux, flux, runtime: RuntimeConfig) -> None:
+    adapter, conds = flux
+    reference = _denoise(adapter, _plain(adapter), conds)
+    torch._dynamo.reset()
+    worker = _worker(tiny_flux, runtime)
+    facts = worker.runtime_facts
+    assert facts["attention_joint_backend"] in ("sdpa", "sdpa_math")
+    assert facts["attention_source"] == ("auto" if runtime.attention_backend == "auto" else "config")
+    assert "joint B=1 Sq=" in facts.get("attention_shapes", "joint B=1 Sq=")
+    assert ("compiled_blocks" in facts) == (runtime.compile == "on")
+    assert facts.get("fused_attention_modules", "0") == ("3" if runtime.fuse_qkv else "0")
+    ours = _run(worker, conds)
+    assert float((ours - reference).norm() / reference.norm()) < 1e-5
+
+
+def _plain(adapter):
+    model = adapter.load_denoiser(torch.float32, CPU)
+    adapter.install_attention(model, LOCAL_SDPA)
+    return model
+
+
+def test_describe_reports_the_choice(tiny_flux) -> None:
+    from denoiser_svc.executor import UniProcExecutor
+
+    cfg = DenoiserServiceConfig(model=ModelConfig(checkpoint=str(tiny_flux), device="cpu", dtype="float32"))
+    executor = UniProcExecutor(cfg)
+    executor.worker = _worker(tiny_flux, cfg.runtime)
+    meta = executor.describe()
+    assert meta["attention_source"] == "auto" and "attention_joint_timings" in meta
+    assert "sdpa_cudnn=unusable: runs on cuda only" in meta["attention_joint_timings"]
+
+
+@pytest.mark.slow
+def test_single_gpu_benchmark_tiny_cpu_mode(tmp_path: Path) -> None:
+    """The benchmark's own code path (diffusers variants, ours per backend, compiled, the service per-step run) on
+    tiny configs; the numbers are meaningless on a CPU, the rows and the markdown must be there."""
+    root = Path(__file__).resolve().parents[2]
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "single_gpu.py"), "--device", "cpu", "--tiny",
+                           "--results", str(results), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = results.read_text()
+    for row in ("diffusers eager (native SDPA)", "diffusers compile_repeated_blocks", "ours eager sdpa fused",
+                "ours eager sdpa_math fused", "ours compiled aot_eager", "service per step"):
+        assert row in text, row
+    assert text.count("| variant |") == 2  # flux and wan tables
