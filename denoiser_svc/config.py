@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from services.config import ConfigError, ModelConfig, ServerConfig
+from services.runtime import RuntimeConfig
 
 
 @dataclasses.dataclass
@@ -44,3 +45,5 @@ class DenoiserServiceConfig:
     """Queueing and scheduling."""
     warmup: bool = True
     """Run one small request at start-up (before SERVING) so the first real request pays no lazy initialisation."""
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    """Attention kernel (or ``auto``), fused projections, regional compilation, CUDA graphs."""

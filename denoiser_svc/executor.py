@@ -83,7 +83,8 @@ class UniProcExecutor:
         return self._healthy
 
     def describe(self) -> dict[str, str]:
-        return {"world_size": "1", "device": str(self.worker.device), "dtype": str(self.worker.dtype)}
+        return {"world_size": "1", "device": str(self.worker.device), "dtype": str(self.worker.dtype),
+                **self.worker.runtime_facts}
 
     async def shutdown(self) -> None:
         self._healthy = False

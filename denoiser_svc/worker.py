@@ -13,10 +13,13 @@ from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.runner import ModelRunner
 from denoiser_svc.types import DenoiseJob, FinishedRequest
 from services.attention import LOCAL_SDPA, AttentionOps
+from services.attention.backends import Backend
+from services.attention.selection import KernelSelection, select_kernels
 from services.errors import FailedPrecondition
 from services.families.base import DenoiseState, SamplingParams, resolve_device, resolve_dtype
 from services.log import get_logger
 from services.registry import load_adapter
+from services.runtime import denoiser_module, fuse_projections, regional_compile
 
 log = get_logger(__name__)
 
@@ -52,6 +55,9 @@ class Worker:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.runner: ModelRunner | None = None
         self.attention_modules = 0
+        self.kernels: KernelSelection | None = None
+        """Attention kernels per call kind, chosen in ``compile_or_warm_up_model`` (None: torch SDPA)."""
+        self.runtime_facts: dict[str, str] = {}
         self.states: dict[str, DenoiseState] = {}
         self.export_state: set[str] = set()
         """Requests whose scheduler history is handed back at the end (another group continues them)."""
@@ -63,16 +69,34 @@ class Worker:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
 
-    def load_model(self) -> None:
-        model = self.adapter.load_denoiser(self.dtype, self.device, self.config.component)
+    def load_model(self, model: object | None = None) -> None:
+        """Load the transformer (or take ``model``, an adapter handle built elsewhere, e.g. real-size random weights
+        in a benchmark), fuse its projections, route its attention through ``attention_ops()``."""
+        if model is None:
+            model = self.adapter.load_denoiser(self.dtype, self.device, self.config.component)
+        if self.config.runtime.fuse_qkv:
+            self.runtime_facts["fused_attention_modules"] = str(fuse_projections(self.transformer_of(model)))
         self.attention_modules = self.adapter.install_attention(model, self.attention_ops())
         self.runner = ModelRunner(self.adapter, model)
         log.info("denoiser_loaded", family=self.adapter.family, component=self.config.component,
                  device=str(self.device), dtype=str(self.dtype), rank=self.rank)
 
+    def transformer_of(self, model: object) -> torch.nn.Module:
+        return denoiser_module(model, self.config.component)
+
+    def kernel(self, kind: str) -> Backend | None:
+        """The attention kernel chosen for ``kind`` (``joint``/``cross``); ``fn``/``fn_lse`` are what wrappers call."""
+        return None if self.kernels is None else self.kernels.get(kind)
+
+    def needs_lse_kernels(self) -> bool:
+        """True when joint attention must return the log-sum-exp (ring attention merges partial results)."""
+        return False
+
     def attention_ops(self) -> AttentionOps:
         """The attention calls this rank's processors make (kernel backend; sequence-parallel wrappers)."""
-        return LOCAL_SDPA
+        if self.kernels is None:
+            return LOCAL_SDPA
+        return AttentionOps(joint=self.kernels.get("joint").fn, cross=self.kernels.get("cross").fn)
 
     def warmup_job(self) -> DenoiseJob | None:
         """A two-step request at the model's default size with synthetic conditioning (None if the family
@@ -88,11 +112,40 @@ class Worker:
                           start_step=0, end_step=2)
 
     def compile_or_warm_up_model(self, job: DenoiseJob | None) -> None:
-        if job is None:
-            return
+        """Choose the attention kernels (``auto``: timed on this device on the shapes of one recorded warm-up step),
+        compile the repeated blocks, then run the warm-up request so that the first real request pays nothing."""
+        assert self.runner is not None, "load_model first"
+        runtime = self.config.runtime
+        shapes = {}
+        if job is not None:
+            recorder = self.recording_ops()
+            self.attention_modules = self.adapter.install_attention(self.runner.model, recorder.ops())
+            self.run_job(job, steps=1)
+            shapes = dict(recorder.calls)
+        self.kernels = select_kernels(runtime, shapes, self.device, needs_lse=self.needs_lse_kernels())
+        self.runtime_facts.update(self.kernels.metadata())
+        self.attention_modules = self.adapter.install_attention(self.runner.model, self.attention_ops())
+        if runtime.compile_enabled(self.device):
+            counts = regional_compile(self.transformer_of(self.runner.model), runtime, self.device)
+            self.runtime_facts["compiled_blocks"] = ",".join(f"{k}x{v}" for k, v in counts.items())
+            self.runtime_facts["compile_mode"] = str(runtime.inductor_mode(self.device) or "default")
+        if job is not None:
+            t0 = time.perf_counter()
+            self.run_job(job)
+            self.runtime_facts["warmup_seconds"] = f"{time.perf_counter() - t0:.2f}"
+        log.info("runtime_ready", rank=self.rank, **self.runtime_facts)
+
+    def recording_ops(self):
+        from services.attention.autotune import ShapeRecorder
+
+        return ShapeRecorder()
+
+    def run_job(self, job: DenoiseJob, steps: int | None = None) -> None:
+        """Run ``job`` (or its first ``steps`` steps) to completion and drop it."""
         self.add_request(job)
         try:
-            for step in range(job.start_step, job.end_step):
+            end = job.end_step if steps is None else min(job.end_step, job.start_step + steps)
+            for step in range(job.start_step, end):
                 self.execute_step(job.request_id, step).wait()
         finally:
             self.abort_request(job.request_id)
@@ -114,6 +167,8 @@ class Worker:
     def execute_step(self, request_id: str, step: int) -> StepHandle:
         assert self.runner is not None, "load_model first"
         state = self.states[request_id]
+        if self.config.runtime.cuda_graphs and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous step's graphs may be reused
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

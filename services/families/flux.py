@@ -10,6 +10,7 @@ import torch
 from services.errors import InvalidArgument
 from services.families.base import Branch, DenoiseState, EncodedPrompt, FamilyAdapter, Limits, SamplingParams
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
+from services.families.step_constants import StepConstant, using
 
 
 class FluxAdapter(FamilyAdapter):
@@ -72,7 +73,15 @@ class FluxAdapter(FamilyAdapter):
         if component != "transformer":
             raise InvalidArgument(f"component={component!r}: the flux family has one transformer ('transformer')")
         pipe = load_partial_pipeline(self, self.denoiser_components, dtype, device)
+        return self.denoiser_handle(pipe)
+
+    def denoiser_handle(self, pipe: Any) -> Any:
+        """Finish a partial FluxPipeline (transformer + scheduler) as the denoiser handle ``prepare`` takes; also used
+        by benchmarks on real-size random-weight transformers built in memory."""
         pipe.vae_scale_factor = self.vae_scale_factor
+        # constant across steps, computed once per request in prepare: rotary embedding and text context embedding
+        pipe.step_constants = {"rope": StepConstant(pipe.transformer.pos_embed),
+                               "context": StepConstant(pipe.transformer.context_embedder)}
         return pipe
 
     def prepare(self, model: Any, params: SamplingParams, conditionings: dict[str, torch.Tensor],
@@ -108,9 +117,16 @@ class FluxAdapter(FamilyAdapter):
             guidance = torch.full([1], params.guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
         inputs = {"guidance": guidance, "pooled_projections": pooled, "encoder_hidden_states": prompt_embeds,
                   "txt_ids": text_ids, "img_ids": image_ids}
+        extras = {}
+        constants = getattr(model, "step_constants", None)
+        if constants is not None:
+            with torch.inference_mode():
+                extras["step_constants"] = [
+                    (constants["rope"], constants["rope"].compute(torch.cat((text_ids, image_ids), dim=0))),
+                    (constants["context"], constants["context"].compute(prompt_embeds))]
         return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, branch_inputs={"cond": inputs},
                             guidance_scale=params.guidance_scale, do_cfg=False, start_step=start_step,
-                            end_step=end_step, total_steps=params.steps)
+                            end_step=end_step, total_steps=params.steps, extras=extras)
 
     def install_attention(self, model: Any, ops: Any) -> int:
         from services.families.processors.flux import install
@@ -124,9 +140,11 @@ class FluxAdapter(FamilyAdapter):
                  "pooled_prompt_embeds": torch.randn(1, cfg.pooled_projection_dim, generator=gen)}, {})
 
     def forward(self, model: Any, state: DenoiseState, latents: torch.Tensor, step: int, branch: Branch) -> torch.Tensor:
+        # no host-device synchronisation: the timestep is indexed on the device, constants come from prepare
         timestep = state.timesteps[step].expand(latents.shape[0]).to(latents.dtype)
-        return model.transformer(hidden_states=latents, timestep=timestep / 1000, return_dict=False,
-                                 **state.branch_inputs[branch])[0]
+        with using(state.extras.get("step_constants", [])):
+            return model.transformer(hidden_states=latents, timestep=timestep / 1000, return_dict=False,
+                                     **state.branch_inputs[branch])[0]
 
     # -- VAE stage -------------------------------------------------------------------------------------------------
     def load_vae(self, dtype: torch.dtype, device: torch.device) -> Any:
