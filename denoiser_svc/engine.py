@@ -218,7 +218,8 @@ class DenoiserEngine:
         self.stats.completed += 1
         req.emit(LatentsEvent(latents=out.latents, step_seconds=req.step_seconds,
                               queue_seconds=req.started_at - req.enqueued_at, total_seconds=now - req.enqueued_at,
-                              end_step=req.job.end_step, scheduler_state=out.scheduler_state))
+                              end_step=req.job.end_step, scheduler_state=out.scheduler_state,
+                              metadata=out.metadata))
 
     async def _fail_request(self, req: _Request, exc: Exception, resident: bool = True) -> None:
         with bind_request(req.job.request_id):

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from denoiser_svc.cache import CachePolicy, policy_from_proto, validate_for_model
 from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.engine import DenoiserEngine
 from denoiser_svc.executor import Executor, UniProcExecutor
@@ -64,7 +65,15 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         return DenoiseJob(request_id=request.request_id, params=params, conditionings=conds,
                           negative_conditionings=negs, initial_latents=initial, start_step=request.start_step,
                           end_step=end, scheduler_state=scheduler_state,
-                          return_scheduler_state=request.return_scheduler_state)
+                          return_scheduler_state=request.return_scheduler_state, cache=self.cache_policy(request))
+
+    def cache_policy(self, request: denoiser_pb2.DenoiseRequest) -> CachePolicy | None:
+        """The request's FlexCache policy, validated against this group's transformer (None: full compute)."""
+        if not request.HasField("cache"):
+            return None
+        policy = policy_from_proto(request.cache)
+        validate_for_model(policy, self.adapter.cache_spec(self.config.component), self.adapter.family)
+        return policy
 
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[denoiser_pb2.DenoiseResponse]:
@@ -81,7 +90,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
                     yield denoiser_pb2.DenoiseResponse(summary=denoiser_pb2.DenoiseSummary(
                         step_seconds=event.step_seconds, total_seconds=event.total_seconds,
                         queue_seconds=event.queue_seconds, end_step=event.end_step,
-                        scheduler_state=codec.named_to_proto(event.scheduler_state, self.max_bytes)))
+                        scheduler_state=codec.named_to_proto(event.scheduler_state, self.max_bytes),
+                        metadata=event.metadata))
             log.info("denoise_done", steps=job.end_step - job.start_step)
 
     async def GetDenoiserInfo(self, request: denoiser_pb2.GetDenoiserInfoRequest,

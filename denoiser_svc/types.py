@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from denoiser_svc.cache.policy import CachePolicy
 from services.families.base import SamplingParams
 
 
@@ -25,6 +26,8 @@ class DenoiseJob:
     """Scheduler history to resume at ``start_step`` (hand-over from another group; empty for a fresh run)."""
     return_scheduler_state: bool = False
     """Export the scheduler's history after ``end_step`` (another group continues the run)."""
+    cache: CachePolicy | None = None
+    """FlexCache policy (validated against the model); None means full compute."""
 
 
 @dataclass
@@ -44,6 +47,8 @@ class FinishedRequest:
     latents: torch.Tensor
     scheduler_state: dict[str, torch.Tensor] = field(default_factory=dict)
     """Filled only when the job asked for it (``return_scheduler_state``)."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    """Facts for ``DenoiseSummary.metadata`` (FlexCache accounting: ``cache.*``)."""
 
 
 @dataclass
@@ -57,3 +62,5 @@ class LatentsEvent:
     end_step: int = 0
     """One past the last step run (where a second expert's group continues)."""
     scheduler_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    """``DenoiseSummary.metadata`` (FlexCache accounting: ``cache.*``)."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from denoiser_svc.cache import LOCAL_REDUCER, FlexCache, GroupReducer, MetricReducer
 from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.runner import ModelRunner
 from denoiser_svc.types import DenoiseJob, FinishedRequest
@@ -77,9 +78,18 @@ class Worker:
         if self.config.runtime.fuse_qkv:
             self.runtime_facts["fused_attention_modules"] = str(fuse_projections(self.transformer_of(model)))
         self.attention_modules = self.adapter.install_attention(model, self.attention_ops())
-        self.runner = ModelRunner(self.adapter, model)
+        cache = FlexCache(self.adapter, model, self.config.component, self.cache_reducer())
+        self.runner = ModelRunner(self.adapter, model, cache=cache)
         log.info("denoiser_loaded", family=self.adapter.family, component=self.config.component,
                  device=str(self.device), dtype=str(self.dtype), rank=self.rank)
+
+    def cache_reducer(self) -> MetricReducer:
+        """How FlexCache sums its metrics over the ranks that share a request: the sequence-parallel and CFG
+        groups (identity in a group of one process)."""
+        if self.world_size == 1:
+            return LOCAL_REDUCER
+        sp = self.groups.get_sp_group()
+        return GroupReducer([sp, self.groups.get_cfg_group()], shard=(sp.rank, sp.size))
 
     def transformer_of(self, model: object) -> torch.nn.Module:
         return denoiser_module(model, self.config.component)
@@ -155,7 +165,8 @@ class Worker:
             raise FailedPrecondition("denoiser model is not loaded")
 
     def shutdown(self) -> None:
-        self.states.clear()
+        for request_id in list(self.states):
+            self.abort_request(request_id)
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, job: DenoiseJob) -> None:
@@ -180,13 +191,25 @@ class Worker:
         return StepHandle(cpu_seconds=time.perf_counter() - t0)
 
     def finish_request(self, request_id: str) -> FinishedRequest:
-        state = self.states.pop(request_id)
-        scheduler_state = {}
-        if request_id in self.export_state:
-            self.export_state.discard(request_id)
-            scheduler_state = self.adapter.export_scheduler_state(state)
-        return FinishedRequest(latents=state.latents.detach().to("cpu"), scheduler_state=scheduler_state)
+        metadata: dict[str, str] = {}
+        try:
+            state = self.states.pop(request_id)
+            scheduler_state = {}
+            if request_id in self.export_state:
+                self.export_state.discard(request_id)
+                scheduler_state = self.adapter.export_scheduler_state(state)
+        finally:
+            metadata = self.release_cache(request_id)
+        return FinishedRequest(latents=state.latents.detach().to("cpu"), scheduler_state=scheduler_state,
+                               metadata=metadata)
 
     def abort_request(self, request_id: str) -> None:
-        self.states.pop(request_id, None)
-        self.export_state.discard(request_id)
+        try:
+            self.states.pop(request_id, None)
+            self.export_state.discard(request_id)
+        finally:
+            self.release_cache(request_id)
+
+    def release_cache(self, request_id: str) -> dict[str, str]:
+        """Drop the request's FlexCache state (finished, failed or cancelled); returns its accounting."""
+        return self.runner.release(request_id) if self.runner is not None else {}

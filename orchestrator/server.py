@@ -302,6 +302,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             if settings.guidance_scale_2 is not None:
                 den_req.guidance_scale_2 = settings.guidance_scale_2
             den_req.return_scheduler_state = route.denoiser_2 is not None
+            if request.HasField("cache"):  # FlexCache: validated by the denoiser against its model
+                den_req.cache.CopyFrom(request.cache)
             chunks: list[tensor_pb2.TensorChunk] = []
             step_seconds: list[float] = []
             # One denoiser group runs the schedule, or two experts run it in turn (Wan2.2): the first group runs

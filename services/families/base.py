@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from services.errors import InvalidArgument
+from services.families.cache_spec import CacheSpec
 
 Branch = Literal["cond", "uncond"]
 BRANCHES: tuple[Branch, Branch] = ("cond", "uncond")
@@ -108,6 +109,8 @@ class DenoiseState:
     end_step: int
     total_steps: int
     extras: dict[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+    """The request this state belongs to (set by the denoiser's runner; keys its FlexCache session)."""
 
     @property
     def branches(self) -> tuple[Branch, ...]:
@@ -241,6 +244,12 @@ class FamilyAdapter(ABC):
         backend choice, sequence parallelism). Returns the number of modules changed; 0 means this family still
         runs diffusers' own processors (no sequence parallelism, default kernels)."""
         return 0
+
+    def cache_spec(self, component: str = "transformer") -> CacheSpec | None:
+        """What FlexCache needs to know about transformer ``component`` (block lists, block call convention, the
+        timestep-modulated input, costs), from configs only so that a request's cache policy is validated before any
+        weights are touched. None: this family supports no feature cache."""
+        return None
 
     def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
         """Synthetic (conditionings, negative_conditionings) of the right shapes for a start-up warm-up run."""

@@ -9,6 +9,7 @@ import torch
 
 from services.errors import InvalidArgument
 from services.families.base import Branch, DenoiseState, EncodedPrompt, FamilyAdapter, Limits, SamplingParams
+from services.families.cache_spec import CacheSpec, block_counts
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
 from services.families.step_constants import StepConstant, using
 
@@ -133,6 +134,26 @@ class FluxAdapter(FamilyAdapter):
 
         return install(model.transformer, ops)
 
+    def cache_spec(self, component: str = "transformer") -> CacheSpec:
+        """Double-stream blocks, then single-stream blocks; both take (hidden, encoder_hidden, temb) and return
+        (encoder_hidden, hidden). Per token both cost 12 d^2 multiply-adds (attention projections + MLP) plus the
+        joint attention over all tokens; the attention module is the projections (8 d^2 / 6 d^2 FLOPs) + SDPA."""
+        cfg = self.component_config(component)
+        dim = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+
+        def block_cost(block_list: int, image_tokens: int, text_tokens: int) -> float:
+            s = image_tokens + text_tokens
+            return 24.0 * dim * dim * s + 4.0 * s * s * dim
+
+        def attention_cost(block_list: int, image_tokens: int, text_tokens: int) -> float:
+            s = image_tokens + text_tokens
+            return (8.0 if block_list == 0 else 6.0) * dim * dim * s + 4.0 * s * s * dim
+
+        return CacheSpec(block_lists=("transformer_blocks", "single_transformer_blocks"),
+                         num_blocks=block_counts(cfg, ("num_layers", "num_single_layers")), transformer=component,
+                         modulated_input=_flux_modulated_input, teacache_coefficients=FLUX_TEACACHE_COEFFICIENTS,
+                         block_cost=block_cost, attention_cost=attention_cost, tokens=_flux_tokens)
+
     def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         cfg = model.transformer.config
         gen = torch.Generator("cpu").manual_seed(0)
@@ -163,3 +184,15 @@ class FluxAdapter(FamilyAdapter):
             image = vae.decode(x, return_dict=False)[0]
             image = model.image_processor.postprocess(image, output_type="pt")
         return self.to_uint8_frames(image)
+
+FLUX_TEACACHE_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+"""TeaCache's rescaling polynomial for FLUX.1-dev (fitted by the TeaCache authors, TeaCache4FLUX)."""
+
+
+def _flux_modulated_input(block: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """The image stream after the first double block's AdaLN-Zero modulation (what its attention sees)."""
+    return block.norm1(hidden, emb=temb)[0]
+
+
+def _flux_tokens(state: DenoiseState) -> tuple[int, int]:
+    return int(state.latents.shape[1]), int(state.branch_inputs["cond"]["encoder_hidden_states"].shape[1])

@@ -1,0 +1,118 @@
+"""Shared pieces of the FlexCache tests: tiny checkpoints with more blocks, jobs, settings per strategy, and the
+single-process runs that the cached and parallel runs are compared with."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from denoiser_svc.cache import policy_from_dict
+from denoiser_svc.config import DenoiserServiceConfig
+from denoiser_svc.types import DenoiseJob, FinishedRequest
+from denoiser_svc.worker import Worker
+from services.assets import build_tiny
+from services.config import load_config
+from services.families.base import SamplingParams
+
+DEEP_BLOCKS = {"flux": {"num_layers": 2, "num_single_layers": 4}, "wan": {"num_layers": 5}}
+"""Transformer config overrides of the ``deep`` tiny checkpoints: enough blocks for a front, a middle and a back."""
+
+NEVER_HIT: dict[str, dict[str, Any]] = {
+    "teacache": {"threshold": 0.0}, "first_block": {"threshold": 0.0}, "magcache": {"threshold": 0.0},
+    "meancache": {"fresh_fraction": 1.0}, "taylorseer": {"interval": 1}, "blockdance": {"interval": 1},
+    "dbcache": {"threshold": 0.0, "front_blocks": 2, "back_blocks": 1}, "pab": {"interval": 1},
+}
+"""Per strategy, settings under which it never reuses anything (must equal full compute)."""
+
+REAL: dict[str, dict[str, Any]] = {
+    "teacache": {"threshold": 0.9},
+    "first_block": {"threshold": 0.23},
+    "magcache": {"threshold": 0.2, "retention_fraction": 0.25},
+    "meancache": {"fresh_fraction": 0.5},
+    "taylorseer": {"interval": 3, "order": 2, "front_blocks": 1, "back_blocks": 1},
+    "blockdance": {"interval": 2, "start_fraction": 0.3},
+    "dbcache": {"threshold": 0.25, "front_blocks": 2, "back_blocks": 1, "max_consecutive_hits": 2},
+    "pab": {"interval": 2, "start_fraction": 0.2},
+}
+"""Per strategy, settings that skip work on the tiny checkpoints (calibrated on them: the decisions are not near
+their thresholds, so rounding differences between layouts cannot flip them)."""
+
+STEPS = 10
+
+
+def deep_checkpoint(family: str, checkpoints_dir: Path, seed: int = 0) -> Path:
+    """The tiny ``family`` checkpoint with a transformer of more blocks (``DEEP_BLOCKS``), fresh random weights."""
+    out = checkpoints_dir / f"tiny-{family}-deep"
+    if (out / "model_index.json").is_file():
+        return out
+    base = build_tiny(family, checkpoints_dir / f"tiny-{family}", seed=seed)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    cfg_path = tmp / "transformer" / "config.json"
+    cfg = {**json.loads(cfg_path.read_text()), **DEEP_BLOCKS[family]}
+    import diffusers
+
+    cls = getattr(diffusers, cfg["_class_name"])
+    torch.manual_seed(seed + 11)
+    model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    shutil.rmtree(tmp / "transformer")
+    model.save_pretrained(tmp / "transformer", safe_serialization=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process built it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def worker_config(checkpoint: Path, *overrides: str) -> DenoiserServiceConfig:
+    return load_config(DenoiserServiceConfig, overrides=[f"model.checkpoint={checkpoint}", "model.device=cpu",
+                                                         "model.dtype=float32", "warmup=false", *overrides])
+
+
+def make_worker(checkpoint: Path, *overrides: str) -> Worker:
+    worker = Worker(worker_config(checkpoint, *overrides))
+    worker.init_device()
+    worker.load_model()
+    return worker
+
+
+def make_job(checkpoint: Path, strategy: str | None, settings: dict[str, Any] | None = None, *,
+             request_id: str = "job", steps: int = STEPS, seed: int = 5) -> DenoiseJob:
+    """A request at the model's default size with synthetic conditioning (seeded), CFG on for true-CFG families."""
+    from services.registry import load_adapter
+
+    adapter = load_adapter(checkpoint)
+    lim = adapter.limits()
+    gen = torch.Generator("cpu").manual_seed(seed)
+    cfg = json.loads((checkpoint / "transformer" / "config.json").read_text())
+    if adapter.family == "flux":
+        conds = {"prompt_embeds": torch.randn(1, 16, cfg["joint_attention_dim"], generator=gen),
+                 "pooled_prompt_embeds": torch.randn(1, cfg["pooled_projection_dim"], generator=gen)}
+        negs: dict[str, torch.Tensor] = {}
+        guidance = 3.5
+    else:
+        conds = {"prompt_embeds": torch.randn(1, 16, cfg["text_dim"], generator=gen)}
+        negs = {"prompt_embeds": torch.randn(1, 16, cfg["text_dim"], generator=gen)}
+        guidance = 5.0
+    params = SamplingParams(width=lim.default_width, height=lim.default_height, steps=steps, guidance_scale=guidance,
+                            seed=seed, frames=lim.default_frames)
+    policy = None if strategy is None else policy_from_dict({"strategy": strategy, **(settings or {})})
+    return DenoiseJob(request_id=request_id, params=params, conditionings=conds, negative_conditionings=negs,
+                      start_step=0, end_step=steps, cache=policy)
+
+
+def run_job(worker: Worker, job: DenoiseJob) -> FinishedRequest:
+    worker.add_request(job)
+    try:
+        for step in range(job.start_step, job.end_step):
+            worker.execute_step(job.request_id, step).wait()
+    except BaseException:
+        worker.abort_request(job.request_id)
+        raise
+    return worker.finish_request(job.request_id)
