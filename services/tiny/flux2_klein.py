@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from services.tiny.qwen import make_qwen_tokenizer, qwen3_config
+from services.tiny.real_size import builder_main, building
 
 DEFAULTS = {"width": 64, "height": 64, "steps": 4, "guidance_scale": 1.0, "max_size": 1024}
 """chitu.json of the tiny checkpoint (klein-4B runs 4 steps; guidance is ignored by the distilled model)."""
@@ -52,9 +53,10 @@ def real_size_configs() -> dict[str, dict[str, Any]]:
 
 
 def make_tiny_flux2_klein(out_dir: str | Path, seed: int = 0, max_sequence_length: int = 64,
-                          distilled: bool = True, real: bool = False) -> Path:
-    """Write a tiny random-weight FLUX.2-klein checkpoint folder and return its path (``real=True``: the real sizes
-    in bfloat16, ~16 GB, for the GPU smoke test)."""
+                          distilled: bool = True, real: bool = False, device: str = "cpu",
+                          dtype: torch.dtype = torch.float32) -> Path:
+    """Write a tiny random-weight FLUX.2-klein checkpoint folder and return its path (``real=True``: FLUX.2-klein-4B's
+    sizes, ~16 GB in bfloat16, for the GPU smoke test)."""
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3ForCausalLM
 
@@ -62,16 +64,11 @@ def make_tiny_flux2_klein(out_dir: str | Path, seed: int = 0, max_sequence_lengt
     torch.manual_seed(seed)
     tokenizer = make_qwen_tokenizer(512 if real else max_sequence_length)
     text_cfg = qwen3_config(vocab=len(tokenizer), real=real)
-    previous = torch.get_default_dtype()
-    if real:
-        torch.set_default_dtype(torch.bfloat16)
-    try:
+    with building(dtype, device):
         vae = AutoencoderKLFlux2(**(VAE_REAL if real else VAE_TINY))
         transformer = Flux2Transformer2DModel(**(TRANSFORMER_REAL if real else
                                                  {**TRANSFORMER_TINY, "joint_attention_dim": 3 * text_cfg.hidden_size}))
         text_encoder = Qwen3ForCausalLM(text_cfg)
-    finally:
-        torch.set_default_dtype(previous)
     # the BatchNorm statistics de-normalise the latents before decoding: make them matter
     vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.1)
     vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
@@ -86,8 +83,15 @@ def make_tiny_flux2_klein(out_dir: str | Path, seed: int = 0, max_sequence_lengt
     return out
 
 
-def make_tiny_flux2_klein_base(out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_flux2_klein_base(out_dir: str | Path, seed: int = 0, real: bool = False, device: str = "cpu",
+                               dtype: torch.dtype = torch.float32) -> Path:
     """The undistilled klein *base* variant (runs CFG with an empty negative prompt when guidance_scale > 1)."""
-    out = make_tiny_flux2_klein(out_dir, seed=seed, distilled=False)
-    (out / "chitu.json").write_text(json.dumps({**DEFAULTS, "steps": 6, "guidance_scale": 4.0}, indent=2) + "\n")
+    out = make_tiny_flux2_klein(out_dir, seed=seed, distilled=False, real=real, device=device, dtype=dtype)
+    defaults = json.loads((out / "chitu.json").read_text())
+    (out / "chitu.json").write_text(json.dumps({**defaults, "steps": 50 if real else 6, "guidance_scale": 4.0},
+                                               indent=2) + "\n")
     return out
+
+
+if __name__ == "__main__":
+    builder_main(make_tiny_flux2_klein, "FLUX.2-klein-4B checkpoint folder with random weights (tiny or --real)")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from services.tiny.qwen import make_qwen_tokenizer
+from services.tiny.real_size import builder_main, building
 
 DEFAULTS = {"width": 64, "height": 64, "steps": 6, "guidance_scale": 4.0, "max_size": 1024}
 """chitu.json of the tiny checkpoint (Qwen-Image's true_cfg_scale default is 4)."""
@@ -73,8 +74,10 @@ def real_size_configs() -> dict[str, dict[str, Any]]:
     }
 
 
-def make_tiny_qwen_image(out_dir: str | Path, seed: int = 0, real: bool = False) -> Path:
-    """Write a tiny random-weight Qwen-Image checkpoint folder and return its path (``real=True``: real sizes)."""
+def make_tiny_qwen_image(out_dir: str | Path, seed: int = 0, real: bool = False, device: str = "cpu",
+                         dtype: torch.dtype = torch.float32) -> Path:
+    """Write a tiny random-weight Qwen-Image checkpoint folder and return its path (``real=True``: Qwen-Image's
+    sizes, ~58 GB in bfloat16)."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -91,15 +94,10 @@ def make_tiny_qwen_image(out_dir: str | Path, seed: int = 0, real: bool = False)
         g = torch.Generator().manual_seed(seed)
         vae_cfg = {**vae_cfg, "latents_mean": (torch.randn(vae_cfg["z_dim"], generator=g) * 0.5).tolist(),
                    "latents_std": (torch.rand(vae_cfg["z_dim"], generator=g) + 0.5).tolist()}
-    previous = torch.get_default_dtype()
-    if real:
-        torch.set_default_dtype(torch.bfloat16)
-    try:
+    with building(dtype, device):
         vae = AutoencoderKLQwenImage(**vae_cfg)
         transformer = QwenImageTransformer2DModel(**(TRANSFORMER_REAL if real else TRANSFORMER_TINY))
         text_encoder = Qwen2_5_VLForConditionalGeneration(text_encoder_config(len(tokenizer), real=real))
-    finally:
-        torch.set_default_dtype(previous)
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=text_encoder,
                              tokenizer=tokenizer, transformer=transformer)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,3 +105,7 @@ def make_tiny_qwen_image(out_dir: str | Path, seed: int = 0, real: bool = False)
     defaults = {"width": 1328, "height": 1328, "steps": 50, "guidance_scale": 4.0, "max_size": 2048} if real else DEFAULTS
     (out / "chitu.json").write_text(json.dumps(defaults, indent=2) + "\n")
     return out
+
+
+if __name__ == "__main__":
+    builder_main(make_tiny_qwen_image, "Qwen-Image checkpoint folder with random weights (tiny or --real)")

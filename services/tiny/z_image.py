@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from services.tiny.qwen import make_qwen_tokenizer, qwen3_config
+from services.tiny.real_size import builder_main, building
 
 DEFAULTS = {"width": 64, "height": 64, "steps": 8, "guidance_scale": 0.0, "max_size": 1024}
 """chitu.json of the tiny checkpoint (Z-Image-Turbo runs 8 steps without CFG: guidance 0)."""
@@ -47,8 +48,10 @@ def real_size_configs() -> dict[str, dict[str, Any]]:
     }
 
 
-def make_tiny_z_image(out_dir: str | Path, seed: int = 0, max_sequence_length: int = 64, real: bool = False) -> Path:
-    """Write a tiny random-weight Z-Image checkpoint folder and return its path (``real=True``: real sizes)."""
+def make_tiny_z_image(out_dir: str | Path, seed: int = 0, max_sequence_length: int = 64, real: bool = False,
+                      device: str = "cpu", dtype: torch.dtype = torch.float32) -> Path:
+    """Write a tiny random-weight Z-Image checkpoint folder and return its path (``real=True``: Z-Image-Turbo's
+    sizes, ~20 GB in bfloat16)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Model
 
@@ -56,16 +59,11 @@ def make_tiny_z_image(out_dir: str | Path, seed: int = 0, max_sequence_length: i
     torch.manual_seed(seed)
     tokenizer = make_qwen_tokenizer(512 if real else max_sequence_length)
     text_cfg = qwen3_config(vocab=len(tokenizer), layers=2, real=real)
-    previous = torch.get_default_dtype()
-    if real:
-        torch.set_default_dtype(torch.bfloat16)
-    try:
+    with building(dtype, device):
         vae = AutoencoderKL(**(VAE_REAL if real else VAE_TINY))
         transformer = ZImageTransformer2DModel(**(TRANSFORMER_REAL if real else
                                                   {**TRANSFORMER_TINY, "cap_feat_dim": text_cfg.hidden_size}))
         text_encoder = Qwen3Model(text_cfg)
-    finally:
-        torch.set_default_dtype(previous)
     with torch.no_grad():  # the pad tokens replace the padding of caption and image sequences: make them matter
         transformer.x_pad_token.normal_(0.0, 0.5)
         transformer.cap_pad_token.normal_(0.0, 0.5)
@@ -76,3 +74,7 @@ def make_tiny_z_image(out_dir: str | Path, seed: int = 0, max_sequence_length: i
     defaults = {"width": 1024, "height": 1024, "steps": 8, "guidance_scale": 0.0, "max_size": 2048} if real else DEFAULTS
     (out / "chitu.json").write_text(json.dumps(defaults, indent=2) + "\n")
     return out
+
+
+if __name__ == "__main__":
+    builder_main(make_tiny_z_image, "Z-Image(-Turbo) checkpoint folder with random weights (tiny or --real)")
