@@ -102,7 +102,7 @@ def make_tiny_qwen_image(out_dir: str | Path, seed: int = 0, real: bool = False,
                              tokenizer=tokenizer, transformer=transformer)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    defaults = {"width": 1328, "height": 1328, "steps": 50, "guidance_scale": 4.0, "max_size": 2048} if real else DEFAULTS
+    defaults = {"width": 1024, "height": 1024, "steps": 50, "guidance_scale": 4.0, "max_size": 2048} if real else DEFAULTS
     (out / "chitu.json").write_text(json.dumps(defaults, indent=2) + "\n")
     return out
 
