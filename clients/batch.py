@@ -26,6 +26,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from clients.cache import cache_policy
 from clients.client import ChituClient, GenerateOptions
 from clients.output import result_summary, write_result
 from clients.stack import LocalStack, StackConfig
@@ -59,10 +60,17 @@ class BatchRequest:
     """Output formats (png, mp4, raw)."""
     repeat: int = 1
     """Run this request this many times (seed + i when a seed is set)."""
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """FlexCache policy, e.g. ``{strategy: teacache, threshold: 0.3}``; empty means full compute."""
 
     def validate(self) -> None:
         if not self.prompt.strip():
             raise ConfigError("requests[].prompt must not be empty")
+        if self.cache:
+            try:
+                cache_policy(self.cache)
+            except ValueError as exc:
+                raise ConfigError(f"requests[].cache: {exc}") from None
         if self.repeat < 1:
             raise ConfigError("requests[].repeat must be >= 1")
 
@@ -136,7 +144,7 @@ def run_batch(config_path: str, overrides: list[str] | None = None) -> Path:
                     seed = None if r.seed is None else r.seed + k
                     opts = GenerateOptions(negative_prompt=r.negative_prompt, width=r.width, height=r.height,
                                            frames=r.frames, steps=r.steps, guidance_scale=r.guidance_scale, seed=seed,
-                                           formats=list(r.formats), request_id=rid)
+                                           formats=list(r.formats), request_id=rid, cache=r.cache or None)
                     jobs.append((rid, r.model or default_model, r.prompt, opts))
             (run_dir / "request_params.json").write_text(json.dumps(
                 [{"request_id": rid, "model": m, "prompt": p, **dataclasses.asdict(o)} for rid, m, p, o in jobs],

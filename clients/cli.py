@@ -74,7 +74,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     opts = GenerateOptions(negative_prompt=args.negative, width=args.width, height=args.height, frames=args.frames,
                            steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                           formats=args.format or [], guidance_scale_2=args.guidance_2, fps=args.fps)
+                           formats=args.format or [], guidance_scale_2=args.guidance_2, fps=args.fps,
+                           cache=args.cache)
     bar = None
     with ChituClient(args.server) as client:
         model = args.model
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance of the second (low-noise) expert of two-expert models (Wan2.2)")
     s.add_argument("--fps", type=float, default=None, help="frame rate of video output (video models)")
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--cache", default=None, metavar="STRATEGY[:KEY=VALUE,...]",
+                   help="FlexCache policy, e.g. teacache:threshold=0.3 or meancache (default: full compute)")
     s.add_argument("--format", action="append", choices=["png", "mp4", "raw"], help="output format (repeatable)")
     s.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     s.add_argument("--output", default="outputs", help="directory for the result files")

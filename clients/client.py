@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
+from clients.cache import cache_policy
 from services.proto.chitu.v1 import generation_pb2, generation_pb2_grpc, vae_pb2
 from services.server import REQUEST_ID_KEY, channel_options
 
@@ -28,6 +30,9 @@ class GenerateOptions:
     guidance_scale_2: float | None = None
     fps: float | None = None
     request_id: str = ""
+    cache: str | dict[str, Any] | None = None
+    """FlexCache policy: ``"teacache:threshold=0.3"`` or ``{"strategy": "teacache", "threshold": 0.3}`` (see
+    ``clients.cache``); None means full compute."""
 
 
 class ChituClient:
@@ -59,6 +64,8 @@ class ChituClient:
             value = getattr(o, name)
             if value is not None:
                 setattr(req, name, value)
+        if o.cache:
+            req.cache.CopyFrom(cache_policy(o.cache))
         return req
 
     def generate(self, prompt: str, model: str, options: GenerateOptions | None = None,

@@ -24,8 +24,20 @@ def result_summary(result: generation_pb2.GenerationResult, params: dict[str, An
             "total_seconds": timings.total_seconds, "queue_seconds": timings.queue_seconds,
             "stages": _stage_timings(timings.stages),
             "step_seconds": list(timings.step_seconds),
+            **({"cache": cache} if (cache := cache_accounting(result.metadata)) else {}),
         },
     }
+
+
+def cache_accounting(metadata: Any) -> dict[str, Any] | None:
+    """The FlexCache accounting of a result (``cache.*`` metadata) as JSON values; None without a cache."""
+    if "cache.strategy" not in metadata:
+        return None
+    return {"strategy": metadata["cache.strategy"], "config": metadata.get("cache.config", ""),
+            "skipped_fraction": float(metadata.get("cache.skipped_fraction", 0.0)),
+            "skipped_per_step": json.loads(metadata.get("cache.skipped_per_step", "[]")),
+            "pattern": metadata.get("cache.pattern", ""), "hit_steps": int(metadata.get("cache.hit_steps", 0)),
+            "memory_bytes": int(metadata.get("cache.memory_bytes", 0))}
 
 
 def _stage_timings(stages: list[common_pb2.StageTiming]) -> dict[str, dict[str, Any]]:

@@ -146,8 +146,8 @@ class FlexCache:
                       image_tokens=image_tokens)
         strategy = cls(policy.config, self.resolved, run, self.reducer)
         self.sessions[request_id] = CacheSession(request_id, strategy)
-        log.info("flexcache_open", strategy=policy.strategy.value, config=policy.config.describe(),
-                 steps=run.steps)
+        log.info("flexcache_open", request_id=request_id, strategy=policy.strategy.value,
+                 config=policy.config.describe(), steps=run.steps)
 
     def forward(self, request_id: str, step: int, branches: tuple[str, ...], fn: ForwardFn) -> dict[str, torch.Tensor]:
         """Each local branch's prediction at ``step``: plain forwards without a session, cached ones with one."""
@@ -166,5 +166,5 @@ class FlexCache:
         finally:
             session.close()
         meta = summary.metadata()
-        log.info("flexcache_summary", **{k.removeprefix("cache."): v for k, v in meta.items()})
+        log.info("flexcache_summary", request_id=request_id, **{k.removeprefix("cache."): v for k, v in meta.items()})
         return meta
