@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,7 +9,7 @@ import grpc
 from denoiser_svc.cache import CachePolicy, policy_from_proto, validate_for_model
 from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.engine import DenoiserEngine
-from denoiser_svc.executor import Executor, UniProcExecutor
+from denoiser_svc.executor import Executor, make_executor, run_group_process
 from denoiser_svc.types import DenoiseJob, LatentsEvent, StepEvent
 from services import codec
 from services.errors import InvalidArgument
@@ -111,22 +110,19 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         return self.executor.describe().get("dtype", "")
 
 
-def make_executor(config: DenoiserServiceConfig) -> Executor:
-    return UniProcExecutor(config)
-
-
-async def serve(config: DenoiserServiceConfig) -> None:
+async def serve(config: DenoiserServiceConfig, executor: Executor | None = None) -> None:
     setup_logging("denoiser", config.server.log_level, config.server.log_file)
-    executor = make_executor(config)
+    executor = executor or make_executor(config)
     servicer = DenoiserServicer(config, executor)
     host = ServiceHost("denoiser", config.server, [SERVICE_NAME])
     denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, host.server)
     try:
-        await host.run(servicer.load)
+        await host.run(servicer.load, on_drain=executor.on_drain)
     finally:
         await servicer.engine.stop()
         await executor.shutdown()
 
 
 def main(config: DenoiserServiceConfig) -> None:
-    asyncio.run(serve(config))
+    # one process, or one rank of a group (rank 0 serves; other torchrun ranks run the worker loop)
+    run_group_process(config, serve)

@@ -1,9 +1,14 @@
 """Worker: one per device. Owns the device, the loaded transformer and the resident state of every active
 request (latents stay here between steps). The contract (vLLM-style): init_device, load_model,
-compile_or_warm_up_model, add_request, execute_step, finish_request, abort_request, check_health, shutdown."""
+compile_or_warm_up_model, add_request, execute_step, finish_request, abort_request, check_health, shutdown.
+
+In a group of several ranks every rank has a Worker: ``init_device`` joins the group and builds its process groups
+(``denoiser_svc.parallel``), ``load_model`` installs the family's sequence-parallel plan, and ``attention_ops``
+wraps the kernels in the sequence-parallel attention (Ulysses / Ring / USP)."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -11,6 +16,10 @@ import torch
 
 from denoiser_svc.cache import LOCAL_REDUCER, FlexCache, GroupReducer, MetricReducer
 from denoiser_svc.config import DenoiserServiceConfig
+from denoiser_svc.parallel.attention import LseFn, SequenceParallelAttention, default_lse_attention, probing_lse
+from denoiser_svc.parallel.groups import ParallelGroups
+from denoiser_svc.parallel.launch import Rendezvous, init_group, local_device
+from denoiser_svc.parallel.sharding import SequenceSharder, check_layout
 from denoiser_svc.runner import ModelRunner
 from denoiser_svc.types import DenoiseJob, FinishedRequest
 from services.attention import LOCAL_SDPA, AttentionOps
@@ -47,10 +56,19 @@ class StepHandle:
 
 
 class Worker:
-    def __init__(self, config: DenoiserServiceConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, config: DenoiserServiceConfig, rendezvous: Rendezvous | None = None,
+                 groups: ParallelGroups | None = None):
         self.config = config
-        self.rank = rank
-        self.world_size = world_size
+        self.rendezvous = rendezvous
+        """Where this rank's group meets (None: a group of one process)."""
+        self.rank = groups.rank if groups is not None else (rendezvous.rank if rendezvous else 0)
+        self.world_size = config.parallel.world_size
+        self._joined = groups is not None
+        self.groups = groups or ParallelGroups.single()
+        """This rank's process groups: given (a test or benchmark that already joined a group), or of size 1 until
+        ``init_device`` joins the group of ``config.parallel``."""
+        self.sharder: SequenceSharder | None = None
+        """The family's sequence-parallel plan on the loaded model (None when the sequence is not sharded)."""
         self.adapter = load_adapter(config.model.checkpoint)
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
@@ -65,21 +83,34 @@ class Worker:
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def init_device(self) -> None:
+        if self.world_size > 1 and self.rendezvous is not None:
+            self.device = local_device(self.device, self.rendezvous)
         if self.device.type == "cuda":
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
+        if self.world_size > 1 and self.device.type == "cpu" and not self._joined:
+            # the ranks of a CPU group share this machine's cores (oversubscribed threads spin against each other)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
+        if self.world_size > 1 and not self._joined:
+            assert self.rendezvous is not None, "a group of several ranks needs a rendezvous"
+            self.groups = init_group(self.config.parallel, self.rendezvous, self.device)
+            self._joined = True
 
     def load_model(self, model: object | None = None) -> None:
         """Load the transformer (or take ``model``, an adapter handle built elsewhere, e.g. real-size random weights
         in a benchmark), fuse its projections, route its attention through ``attention_ops()``."""
+        plan = check_layout(self.config.parallel, self.adapter, self.config.component)
         if model is None:
             model = self.adapter.load_denoiser(self.dtype, self.device, self.config.component)
+        if plan is not None and self.config.parallel.sp_degree > 1:
+            self.sharder = SequenceSharder(plan, self.groups.get_sp_group())
+            self.sharder.install(model)
         if self.config.runtime.fuse_qkv:
             self.runtime_facts["fused_attention_modules"] = str(fuse_projections(self.transformer_of(model)))
         self.attention_modules = self.adapter.install_attention(model, self.attention_ops())
         cache = FlexCache(self.adapter, model, self.config.component, self.cache_reducer())
-        self.runner = ModelRunner(self.adapter, model, cache=cache)
+        self.runner = ModelRunner(self.adapter, model, self.groups, self.sharder, cache)
         log.info("denoiser_loaded", family=self.adapter.family, component=self.config.component,
                  device=str(self.device), dtype=str(self.dtype), rank=self.rank)
 
@@ -99,14 +130,27 @@ class Worker:
         return None if self.kernels is None else self.kernels.get(kind)
 
     def needs_lse_kernels(self) -> bool:
-        """True when joint attention must return the log-sum-exp (ring attention merges partial results)."""
-        return False
+        """True when joint attention must return the log-sum-exp (ring attention merges partial results). On the
+        CPU the registry's only LSE kernel is the float32 math one, so ring attention there uses PyTorch's CPU flash
+        kernel (``default_lse_attention``) and the joint kernel choice stays free."""
+        return self.config.parallel.ring_degree > 1 and self.device.type == "cuda"
+
+    def parallel_ops(self, base: AttentionOps, lse: LseFn | None = None) -> AttentionOps:
+        """``base`` (kernels) wrapped for sequence parallelism: ``joint`` becomes Ulysses / Ring / USP around
+        ``base.joint`` (ring blocks use ``lse``, by default the chosen joint kernel's LSE variant when it has one);
+        ``cross`` stays local. The identity when the sequence is not sharded."""
+        if self.sharder is None:
+            return base
+        if lse is None:
+            joint = self.kernel("joint")
+            lse = joint.fn_lse if joint is not None and joint.constraints.supports_lse else default_lse_attention
+        return SequenceParallelAttention(self.groups, base.joint, lse, self.sharder).ops(base)
 
     def attention_ops(self) -> AttentionOps:
         """The attention calls this rank's processors make (kernel backend; sequence-parallel wrappers)."""
         if self.kernels is None:
-            return LOCAL_SDPA
-        return AttentionOps(joint=self.kernels.get("joint").fn, cross=self.kernels.get("cross").fn)
+            return self.parallel_ops(LOCAL_SDPA)
+        return self.parallel_ops(AttentionOps(joint=self.kernels.get("joint").fn, cross=self.kernels.get("cross").fn))
 
     def warmup_job(self) -> DenoiseJob | None:
         """A two-step request at the model's default size with synthetic conditioning (None if the family
@@ -129,7 +173,10 @@ class Worker:
         shapes = {}
         if job is not None:
             recorder = self.recording_ops()
-            self.attention_modules = self.adapter.install_attention(self.runner.model, recorder.ops())
+            # under sequence parallelism the recorder sits inside the wrapper: it sees the shapes kernels run at
+            ops = recorder.ops()
+            self.attention_modules = self.adapter.install_attention(
+                self.runner.model, self.parallel_ops(ops, lse=probing_lse(ops.joint, default_lse_attention)))
             self.run_job(job, steps=1)
             shapes = dict(recorder.calls)
         self.kernels = select_kernels(runtime, shapes, self.device, needs_lse=self.needs_lse_kernels())

@@ -68,6 +68,10 @@ def axis_groups(layout: torch.Tensor, axis: Axis) -> list[list[int]]:
     return layout.permute(*keep, *axis.dims).reshape(-1, size).tolist()
 
 
+# torch >= 2.13 renamed all_gather_into_tensor (the GPU image runs 2.11)
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class RankGroup:
     """One process group as this rank sees it, with the collectives the denoiser uses. A group of one rank has no
     torch.distributed group and every collective is the identity."""
@@ -101,7 +105,7 @@ class RankGroup:
             return x
         x = x.contiguous()
         out = torch.empty(self.size * x.numel(), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.reshape(-1), group=self.group)
+        _all_gather_flat(out, x.reshape(-1), group=self.group)
         # [P * numel] -> [P, *shape] -> P next to dim -> merged into dim
         return out.view(self.size, *x.shape).movedim(0, dim).flatten(dim, dim + 1)
 

@@ -35,6 +35,57 @@ GuidanceKind = Literal["distilled", "cfg", "none"]
 
 
 @dataclass(frozen=True)
+class SeqSplit:
+    """One tensor that a denoiser group shards along its sequence dimension at a module boundary.
+
+    Each sequence-parallel rank keeps one contiguous shard; a sequence whose length does not divide the degree is
+    zero-padded at its end, and the padded keys are masked out of every attention (see ``SequenceParallelPlan``).
+    """
+
+    key: str | int
+    """Keyword argument name, or position of a positional argument (of the output tuple when ``on_output``)."""
+    dim: int
+    """The sequence dimension of that tensor."""
+    segment: str | tuple[str, ...]
+    """Which token sequence it belongs to (``text``, ``image``, ``video``): tensors of one segment are padded
+    alike, and ``SequenceParallelPlan.joint_layout`` says where each segment sits in the attention sequence. A tuple
+    means the dimension is those segments concatenated (Flux's rotary table over text then image tokens): each part
+    is split on its own and this rank's parts are concatenated; their lengths must be known from earlier splits."""
+    on_output: bool = False
+    """Split the module's output instead of its input (rotary tables computed from the whole sequence)."""
+
+
+@dataclass(frozen=True)
+class SeqGather:
+    """A module output that is gathered back to the whole sequence (and unpadded) on every rank."""
+
+    dim: int
+    """The sequence dimension of the output."""
+    segment: str
+    """Its segment (to drop that segment's padding)."""
+    index: int | None = None
+    """Element of a tuple output; None when the output is a tensor."""
+
+
+@dataclass(frozen=True)
+class SequenceParallelPlan:
+    """How a family's transformer is sequence-sharded (the denoiser group applies it with module hooks).
+
+    Module paths are relative to the handle ``load_denoiser`` returns (``transformer.proj_out``). Every split
+    runs once per transformer call; the gathers restore the full sequence before anything that is not per-token.
+    """
+
+    splits: dict[str, tuple[SeqSplit, ...]]
+    """Module path -> tensors split at that module."""
+    gathers: dict[str, SeqGather]
+    """Module path -> output gathered there."""
+    joint_layout: tuple[str, ...]
+    """Segments, in order, of the sequence ``AttentionOps.joint`` receives (Flux: text then image)."""
+    num_heads: int
+    """Attention heads (``ulysses_degree`` must divide it)."""
+
+
+@dataclass(frozen=True)
 class Limits:
     """Request limits of a served model (mirrors ``chitu.v1.ModelLimits``)."""
 
@@ -244,6 +295,11 @@ class FamilyAdapter(ABC):
         backend choice, sequence parallelism). Returns the number of modules changed; 0 means this family still
         runs diffusers' own processors (no sequence parallelism, default kernels)."""
         return 0
+
+    def sequence_parallel_plan(self, component: str = "transformer") -> SequenceParallelPlan | None:
+        """How to shard this family's ``component`` transformer for sequence parallelism (from configs only, so a
+        group can check its layout before loading weights). None: the family runs with sequence degree 1 only."""
+        return None
 
     def cache_spec(self, component: str = "transformer") -> CacheSpec | None:
         """What FlexCache needs to know about transformer ``component`` (block lists, block call convention, the

@@ -8,7 +8,17 @@ import numpy as np
 import torch
 
 from services.errors import InvalidArgument
-from services.families.base import Branch, DenoiseState, EncodedPrompt, FamilyAdapter, Limits, SamplingParams
+from services.families.base import (
+    Branch,
+    DenoiseState,
+    EncodedPrompt,
+    FamilyAdapter,
+    Limits,
+    SamplingParams,
+    SeqGather,
+    SeqSplit,
+    SequenceParallelPlan,
+)
 from services.families.cache_spec import CacheSpec, block_counts
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
 from services.families.step_constants import StepConstant, using
@@ -133,6 +143,24 @@ class FluxAdapter(FamilyAdapter):
         from services.families.processors.flux import install
 
         return install(model.transformer, ops)
+
+    def sequence_parallel_plan(self, component: str = "transformer") -> SequenceParallelPlan:
+        """Image and text tokens are both sharded (each token computed once per group, see
+        ``denoiser_svc.parallel.sharding``). Text is split at the context embedder's output and the rotary table at
+        the position embedder's output (text then image rows), so values precomputed once per request from the whole
+        sequence (``step_constants``) are sharded the same way; the prediction is gathered at ``proj_out``."""
+        text_then_image = ("text", "image")
+        return SequenceParallelPlan(
+            splits={
+                "transformer": (SeqSplit("hidden_states", 1, "image"),),
+                "transformer.context_embedder": (SeqSplit(0, 1, "text", on_output=True),),
+                "transformer.pos_embed": (SeqSplit(0, 0, text_then_image, on_output=True),
+                                          SeqSplit(1, 0, text_then_image, on_output=True)),
+            },
+            gathers={"transformer.proj_out": SeqGather(1, "image")},
+            joint_layout=text_then_image,
+            num_heads=int(self.component_config("transformer")["num_attention_heads"]),
+        )
 
     def cache_spec(self, component: str = "transformer") -> CacheSpec:
         """Double-stream blocks, then single-stream blocks; both take (hidden, encoder_hidden, temb) and return

@@ -25,7 +25,17 @@ from typing import Any
 import torch
 
 from services.errors import InvalidArgument
-from services.families.base import Branch, DenoiseState, EncodedPrompt, FamilyAdapter, Limits, SamplingParams
+from services.families.base import (
+    Branch,
+    DenoiseState,
+    EncodedPrompt,
+    FamilyAdapter,
+    Limits,
+    SamplingParams,
+    SeqGather,
+    SeqSplit,
+    SequenceParallelPlan,
+)
 from services.families.cache_spec import CacheSpec
 from services.families.loading import checkpoint_defaults, load_partial_pipeline
 
@@ -242,6 +252,18 @@ class WanAdapter(FamilyAdapter):
         from services.families.processors.wan import install
 
         return install(model.transformer, ops)
+
+    def sequence_parallel_plan(self, component: str = "transformer") -> SequenceParallelPlan:
+        """The video tokens are sharded after the patch embedding (at the first block) together with the rotary
+        tables; the text stays whole on every rank (cross-attention K/V, no communication); the prediction is
+        gathered at ``proj_out``, before the unpatchify reshape. (Per-token timesteps, Wan2.2-TI2V, are not served.)"""
+        return SequenceParallelPlan(
+            splits={"transformer.rope": (SeqSplit(0, 1, "video", on_output=True), SeqSplit(1, 1, "video", on_output=True)),
+                    "transformer.blocks.0": (SeqSplit(0, 1, "video"),)},
+            gathers={"transformer.proj_out": SeqGather(1, "video")},
+            joint_layout=("video",),
+            num_heads=int(self.component_config(component)["num_attention_heads"]),
+        )
 
     def cache_spec(self, component: str = "transformer") -> CacheSpec:
         """One block list; a block takes (hidden, encoder_hidden, temb, rotary) and returns hidden (text only feeds

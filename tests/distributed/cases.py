@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -52,26 +51,12 @@ class Case:
                 "layout": self.layout, "jobs": self.jobs}
 
 
-def tiny_families() -> dict[str, str]:
-    """Adapter family -> tiny builder name, one builder per adapter family (wan22 is the wan adapter again)."""
+def tiny_checkpoints() -> list[str]:
+    """Every tiny checkpoint builder (one per family variant: ``wan22`` is Wan2.2's two-expert layout,
+    ``flux2_klein_base`` the undistilled, true-CFG FLUX.2-klein)."""
     from services.tiny import builders
 
-    out: dict[str, str] = {}
-    for name in builders():
-        family = _builder_family(name)
-        out.setdefault(family, name)
-    return out
-
-
-def _builder_family(builder: str) -> str:
-    """The adapter family a tiny builder makes: the family named like it, else the longest family name it starts
-    with (``wan22`` -> ``wan``)."""
-    from services.registry import ADAPTERS
-
-    names = sorted((cls.family for cls in ADAPTERS), key=len, reverse=True)
-    if builder in names:
-        return builder
-    return next((name for name in names if builder.startswith(name)), builder)
+    return sorted(builders())
 
 
 def widen_heads(checkpoint: Path, out: Path, heads: int, seed: int = 0) -> Path:
@@ -86,8 +71,7 @@ def widen_heads(checkpoint: Path, out: Path, heads: int, seed: int = 0) -> Path:
     import diffusers
 
     cls = getattr(diffusers, cfg["_class_name"])
-    key = "num_attention_heads" if "num_attention_heads" in cfg else "n_heads"
-    cfg[key] = heads
+    cfg["num_attention_heads"] = heads
     torch.manual_seed(seed)
     model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
     shutil.rmtree(tmp / "transformer")
@@ -132,8 +116,8 @@ def make_job(adapter: FamilyAdapter, request_id: str = "job") -> DenoiseJob:
 
 
 def family_cases(family: str, checkpoint: Path, widened: Path) -> list[Case]:
-    """Every layout this family supports at world sizes 2 and 4 (cfg needs true CFG; sequence layouts a plan;
-    Ulysses over 4 ranks the 4-head copy of the checkpoint)."""
+    """Every layout this checkpoint supports at world sizes 2 and 4 (cfg needs true CFG; sequence layouts a plan;
+    Ulysses over 4 ranks a copy of the checkpoint with 4 heads, made at ``widened``)."""
     adapter = load_adapter(checkpoint)
     has_cfg = adapter.limits().guidance_kind == "cfg"
     has_plan = adapter.sequence_parallel_plan("transformer") is not None
@@ -144,7 +128,7 @@ def family_cases(family: str, checkpoint: Path, widened: Path) -> list[Case]:
             continue
         if (layout.get("ulysses_degree", 1) > 1 or layout.get("ring_degree", 1) > 1) and not has_plan:
             continue
-        ckpt = widened if layout.get("ulysses_degree", 1) == 4 else checkpoint
+        ckpt = widen_heads(checkpoint, widened, heads=4) if layout.get("ulysses_degree", 1) == 4 else checkpoint
         cases.append(Case(f"{family}-{name}", family, ckpt, "transformer", layout, [job]))
     return cases
 
@@ -157,10 +141,15 @@ def reference(checkpoint: Path, job: DenoiseJob, component: str = "transformer")
     worker = Worker(config)
     worker.init_device()
     worker.load_model()
-    worker.add_request(job)
-    for step in range(job.start_step, job.end_step):
-        worker.execute_step(job.request_id, step).wait()
-    return worker.finish_request(job.request_id).latents
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the group's ranks run: same kernels, same reduction order
+    try:
+        worker.add_request(job)
+        for step in range(job.start_step, job.end_step):
+            worker.execute_step(job.request_id, step).wait()
+        return worker.finish_request(job.request_id).latents
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_pool(cases: list[Case], world: int, workdir: Path, timeout: float = 900.0) -> Path:
@@ -170,29 +159,19 @@ def run_pool(cases: list[Case], world: int, workdir: Path, timeout: float = 900.
     torch.save({"cases": [c.spec() for c in cases]}, spec)
     out = workdir / "out"
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
-    logs = [open(workdir / f"rank{r}.log", "wb") for r in range(world)]  # noqa: SIM115
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.group_main", str(spec), str(out),
-                               "--rank", str(r), "--world-size", str(world), "--master", f"127.0.0.1:{store.port}"],
-                              cwd=REPO, stdout=logs[r], stderr=subprocess.STDOUT) for r in range(world)]
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
-    bad = {r: p.returncode for r, p in enumerate(procs) if p.returncode != 0}
-    if bad:
-        tails = "\n".join(f"--- rank {r} (exit {code}) ---\n" + (workdir / f"rank{r}.log").read_text()[-4000:]
-                          for r, code in bad.items())
-        raise RuntimeError(f"group of {world} failed or timed out:\n{tails}")
+    log_path = workdir / "group.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.distributed.group_main", str(spec), str(out),
+                                 "--world-size", str(world), "--master", f"127.0.0.1:{store.port}"],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"group of {world} failed (exit {code}) or timed out:\n"
+                           f"{log_path.read_text(errors='replace')[-6000:]}")
     return out
 
 

@@ -29,14 +29,13 @@ from tests.distributed.cases import (
     family_cases,
     reference,
     run_pool,
-    tiny_families,
-    widen_heads,
+    tiny_checkpoints,
 )
 from tests.reference import rel_err
 
 pytestmark = pytest.mark.distributed
 
-FAMILIES = tiny_families()
+CHECKPOINTS = tiny_checkpoints()
 TOLERANCE = 1e-5
 
 
@@ -44,10 +43,9 @@ TOLERANCE = 1e-5
 def group_runs(checkpoints_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Case, Path]]:
     """Every case of every family, run in one pool of 2 and one pool of 4 processes."""
     cases: list[Case] = []
-    for family, builder in FAMILIES.items():
+    for builder in CHECKPOINTS:
         ckpt = build_checkpoint(builder, checkpoints_dir)
-        widened = widen_heads(ckpt, checkpoints_dir / f"tiny-{builder}-heads4", heads=4)
-        cases += family_cases(family, ckpt, widened)
+        cases += family_cases(builder, ckpt, checkpoints_dir / f"tiny-{builder}-heads4")
     runs: dict[str, tuple[Case, Path]] = {}
     work = tmp_path_factory.mktemp("groups")
     for world in (2, 4):
@@ -57,7 +55,7 @@ def group_runs(checkpoints_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return runs
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", CHECKPOINTS)
 def test_group_equals_single_process(family: str, group_runs: dict[str, tuple[Case, Path]]) -> None:
     mine = {name: run for name, run in group_runs.items() if run[0].family == family}
     assert mine, f"no layout ran for {family}"
