@@ -109,3 +109,26 @@ def test_autoencoder_kl_style_settings(tiny_flux: Path) -> None:
 def test_tile_sizes() -> None:
     assert tile_sizes(256, 64, 8) == [256, 128, 64]
     assert tile_sizes(200, 64, 16) == [192, 96]
+
+
+def test_qwen_image_vae_tiles() -> None:
+    """AutoencoderKLQwenImage (the VAE that must decode 1328^2 Qwen images within the budget) has Wan-style tile
+    settings; set_tiling drives them, its tiled path runs with the output shape of the untiled one, and tiling is
+    off again afterwards. (Its tiled_decode is Wan's algorithm; the exactness test above covers that algorithm, and
+    a random-weight decoder's tile error says nothing about a trained one, so no value bound here.)"""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    z = torch.randn(1, 4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    calls = []
+    vae.decoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        untiled_calls = len(calls)
+        with tiling(vae, 64, overlap=0.25):
+            assert (vae.tile_sample_min_height, vae.tile_sample_stride_width) == (64, 48)
+            tiled = vae.decode(z).sample
+    assert len(calls) - untiled_calls > 1, "the tiled path did not run"
+    assert tiled.shape == ref.shape == (1, 3, 1, 128, 128) and not vae.use_tiling
