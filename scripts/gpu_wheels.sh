@@ -11,5 +11,5 @@ mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   diffusers==0.42.1 importlib_metadata structlog sageattention==1.0.6 \
-  grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0
+  grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 av
 ls -1 .whl
