@@ -83,8 +83,10 @@ def make_worker(checkpoint: Path, *overrides: str) -> Worker:
 
 
 def make_job(checkpoint: Path, strategy: str | None, settings: dict[str, Any] | None = None, *,
-             request_id: str = "job", steps: int = STEPS, seed: int = 5) -> DenoiseJob:
-    """A request at the model's default size with synthetic conditioning (seeded), CFG on for true-CFG families."""
+             request_id: str = "job", steps: int = STEPS, seed: int = 5, size: tuple[int, int] | None = None,
+             frames: int | None = None, text_tokens: int = 16) -> DenoiseJob:
+    """A request with synthetic conditioning (seeded), CFG on for true-CFG families; ``size`` (width, height) and
+    ``frames`` default to the model's defaults."""
     from services.registry import load_adapter
 
     adapter = load_adapter(checkpoint)
@@ -92,16 +94,17 @@ def make_job(checkpoint: Path, strategy: str | None, settings: dict[str, Any] | 
     gen = torch.Generator("cpu").manual_seed(seed)
     cfg = json.loads((checkpoint / "transformer" / "config.json").read_text())
     if adapter.family == "flux":
-        conds = {"prompt_embeds": torch.randn(1, 16, cfg["joint_attention_dim"], generator=gen),
+        conds = {"prompt_embeds": torch.randn(1, text_tokens, cfg["joint_attention_dim"], generator=gen),
                  "pooled_prompt_embeds": torch.randn(1, cfg["pooled_projection_dim"], generator=gen)}
         negs: dict[str, torch.Tensor] = {}
         guidance = 3.5
     else:
-        conds = {"prompt_embeds": torch.randn(1, 16, cfg["text_dim"], generator=gen)}
-        negs = {"prompt_embeds": torch.randn(1, 16, cfg["text_dim"], generator=gen)}
+        conds = {"prompt_embeds": torch.randn(1, text_tokens, cfg["text_dim"], generator=gen)}
+        negs = {"prompt_embeds": torch.randn(1, text_tokens, cfg["text_dim"], generator=gen)}
         guidance = 5.0
-    params = SamplingParams(width=lim.default_width, height=lim.default_height, steps=steps, guidance_scale=guidance,
-                            seed=seed, frames=lim.default_frames)
+    width, height = size or (lim.default_width, lim.default_height)
+    params = SamplingParams(width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed,
+                            frames=lim.default_frames if frames is None else frames)
     policy = None if strategy is None else policy_from_dict({"strategy": strategy, **(settings or {})})
     return DenoiseJob(request_id=request_id, params=params, conditionings=conds, negative_conditionings=negs,
                       start_step=0, end_step=steps, cache=policy)

@@ -1,21 +1,26 @@
 """Module hooks that the model does not know about.
 
 A hook sees every call of one module: ``pre_forward`` may rewrite the arguments or answer the call itself
-(``Skip(output)``: the module does not run), ``post_forward`` may rewrite the output, ``reset_state`` drops what the
-hook holds. Hooks are registered by name on a module's ``HookRegistry``; the names are module constants of the
-strategy that owns them, so two strategies never collide and ``remove`` is exact.
+(``Skip(output)``: the module's computation does not run), ``post_forward`` may rewrite the output, ``reset_state``
+drops what the hook holds. Hooks are registered by name on a module's ``HookRegistry``; the names are module
+constants of the strategy that owns them, so two strategies never collide and ``remove`` is exact.
 
-How a call is intercepted: the first hook swaps the instance's class for a subclass (one per class, same name)
-whose ``__call__`` runs the hooks around the original ``__call__``; removing the last hook swaps it back. The
-original ``__call__`` is the whole ``nn.Module`` call (torch's own hooks, a ``torch.compile``d forward from
-regional compilation, sequence-parallel split/gather hooks), so FlexCache hooks are always the outermost layer: a
-hit skips the compiled forward and its collectives alike, and a miss runs them unchanged. Nothing is traced into
-a compiled graph (compiled code sees the subclass once, as one extra guard entry per block class).
+Where a call is intercepted: the registry replaces the instance's ``forward`` (the module's computation) and puts
+back exactly what was there when the last hook goes. That is *inside* ``nn.Module.__call__``, after torch's own
+forward pre-hooks and before its forward hooks, so the hooks see what the computation sees: a sequence-parallel
+split registered as a pre-hook on a block (Wan shards its tokens at the first block) has already run, and a gather
+registered as a forward hook still runs on a cached output. The computation the registry calls is the instance's
+``forward`` as it was, so a block compiled by regional compilation (``block.forward = torch.compile(...)``) still
+runs compiled when it is not skipped.
+
+Never traced: the replacement ``forward`` is ``torch.compiler.disable``d. Called from inside a compiled region (an
+attention module in a regionally compiled block), the hooks and that module run eagerly behind a graph break;
+called from eager code (a block), the module's own compiled forward still runs compiled (a compiled function
+re-enables compilation for itself).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +29,11 @@ import torch
 
 REGISTRY_ATTR = "_flexcache_hooks"
 """Instance attribute holding a module's ``HookRegistry``."""
-BASE_CLASS_ATTR = "_flexcache_base_class"
-"""Class attribute of a hooked subclass naming the class it wraps."""
 
 
 @dataclass
 class Skip:
-    """Returned by ``pre_forward`` to answer the call without running the module."""
+    """Returned by ``pre_forward`` to answer the call without running the module's computation."""
 
     output: Any
 
@@ -48,18 +51,28 @@ class ModelHook:
         """Drop anything the hook holds (called when it is removed)."""
 
 
+_ABSENT = object()
+
+
 class HookRegistry:
-    """The named hooks of one module, run in registration order."""
+    """The named hooks of one module, run in registration order around its original ``forward``."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
         self.hooks: dict[str, ModelHook] = {}
+        self.saved_forward: Any = module.__dict__.get("forward", _ABSENT)
+        """The instance's own ``forward`` before the hooks (a compiled one), or ``_ABSENT`` (the class's)."""
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> HookRegistry | None:
         return module.__dict__.get(REGISTRY_ATTR)
 
-    def call(self, base_call: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    def original_forward(self) -> Callable[..., Any]:
+        if self.saved_forward is _ABSENT:
+            return type(self.module).forward.__get__(self.module)
+        return self.saved_forward
+
+    def call(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         entered: list[ModelHook] = []
         output: Any = None
         skipped = False
@@ -71,29 +84,24 @@ class HookRegistry:
                 break
             args, kwargs = result
         if not skipped:
-            output = base_call(self.module, *args, **kwargs)
+            output = self.original_forward()(*args, **kwargs)
         for hook in reversed(entered):
             output = hook.post_forward(self.module, args, kwargs, output)
         return output
 
+    def install(self) -> None:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.call(args, kwargs)
 
-@functools.cache
-def hooked_class(cls: type) -> type:
-    """The subclass of ``cls`` whose calls go through the instance's hooks (one per class, same name)."""
-    base_call = cls.__call__
+        self.module.__dict__[REGISTRY_ATTR] = self
+        self.module.__dict__["forward"] = torch.compiler.disable(forward)
 
-    def __call__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        registry = self.__dict__.get(REGISTRY_ATTR)
-        if registry is None or not registry.hooks:
-            return base_call(self, *args, **kwargs)
-        return registry.call(base_call, args, kwargs)
-
-    # Never traced: called from inside a compiled region (an attention module in a regionally compiled block), the
-    # hooks and the module run eagerly behind a graph break; called from eager code (a block), the module's own
-    # torch.compile'd forward still runs compiled (a compiled function re-enables compilation for itself).
-    __call__ = torch.compiler.disable(__call__)
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__, BASE_CLASS_ATTR: cls})
+    def uninstall(self) -> None:
+        del self.module.__dict__[REGISTRY_ATTR]
+        if self.saved_forward is _ABSENT:
+            del self.module.__dict__["forward"]
+        else:
+            self.module.__dict__["forward"] = self.saved_forward
 
 
 def register_hook(module: torch.nn.Module, name: str, hook: ModelHook) -> None:
@@ -101,16 +109,14 @@ def register_hook(module: torch.nn.Module, name: str, hook: ModelHook) -> None:
     registry = HookRegistry.of(module)
     if registry is None:
         registry = HookRegistry(module)
-        module.__dict__[REGISTRY_ATTR] = registry
-        if BASE_CLASS_ATTR not in type(module).__dict__:
-            module.__class__ = hooked_class(type(module))
+        registry.install()
     if name in registry.hooks:
         raise ValueError(f"{type(module).__name__} already has a hook named {name!r}")
     registry.hooks[name] = hook
 
 
 def remove_hook(module: torch.nn.Module, name: str) -> ModelHook | None:
-    """Remove the hook ``name`` (its state reset); the module is back to its own class once no hook is left."""
+    """Remove the hook ``name`` (its state reset); the module's own ``forward`` is back once no hook is left."""
     registry = HookRegistry.of(module)
     if registry is None:
         return None
@@ -118,10 +124,7 @@ def remove_hook(module: torch.nn.Module, name: str) -> ModelHook | None:
     if hook is not None:
         hook.reset_state()
     if not registry.hooks:
-        del module.__dict__[REGISTRY_ATTR]
-        base = type(module).__dict__.get(BASE_CLASS_ATTR)
-        if base is not None:
-            module.__class__ = base
+        registry.uninstall()
     return hook
 
 
