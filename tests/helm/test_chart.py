@@ -123,3 +123,30 @@ def test_bad_values_fail_with_a_message(helm: str) -> None:
     assert "/image/tag" in render_error(helm, "image.tag=latest")
     assert "additional properties 'bogus'" in render_error(helm, "denoiser.bogus=1")
     assert "/denoiser/parallel/cfg_degree" in render_error(helm, "denoiser.parallel.cfg_degree=3")
+
+
+def test_two_experts_and_shared_pools(helm: str) -> None:
+    sets = ["models[0].name=wan22", "models[0].checkpoint=/models/wan22", "models[0].twoExperts=true",
+            "models[1].name=wan13", "models[1].checkpoint=/models/wan13", "models[1].encoderFrom=wan22",
+            "models[1].vaeFrom=wan22"]
+    docs = render(helm, *sets)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert set(by_kind(docs, "Deployment")) == {
+        "rel-chitu-orchestrator", "rel-chitu-wan22-encoder", "rel-chitu-wan22-denoiser", "rel-chitu-wan22-denoiser-2",
+        "rel-chitu-wan22-vae", "rel-chitu-wan13-denoiser"}
+    data = by_kind(docs, "ConfigMap")["rel-chitu-config"]["data"]
+    routes = {r.model: r for r in from_dict(OrchestratorConfig, yaml.safe_load(data["orchestrator.yaml"])).routes}
+    assert routes["wan22"].denoiser_2 == ["rel-chitu-wan22-denoiser-2:50051"]
+    assert routes["wan13"].encoder == routes["wan22"].encoder == ["rel-chitu-wan22-encoder:50051"]
+    assert routes["wan13"].vae == ["rel-chitu-wan22-vae:50051"] and not routes["wan13"].denoiser_2
+    expert2 = from_dict(DenoiserServiceConfig, yaml.safe_load(data["wan22-denoiser-2.yaml"]))
+    assert expert2.component == "transformer_2"
+    assert from_dict(DenoiserServiceConfig, yaml.safe_load(data["wan22-denoiser.yaml"])).component == "transformer"
+    enc = from_dict(EncoderServiceConfig, yaml.safe_load(data["wan22-encoder.yaml"]))
+    assert enc.model.served_names() == ["wan22", "wan13"]
+    assert "wan13-encoder.yaml" not in data
+    args = by_kind(docs, "Deployment")["rel-chitu-wan22-denoiser-2"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == ["serve", "denoiser", "--config", "/etc/chitu/wan22-denoiser-2.yaml"]
+    err = render_error(helm, *sets[:5], "models[1].encoderFrom=nosuch")
+    assert "encoderFrom=nosuch is not a served model" in err

@@ -42,3 +42,32 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "chitu.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* The stage instances of one model, as a YAML list of {stage, kind, component}: a second expert
+     (twoExperts) adds a second denoiser group running transformer_2; a model that borrows another model's
+     encoder (encoderFrom) or VAE (vaeFrom) has none of its own. */}}
+{{- define "chitu.modelStages" -}}
+{{- $m := .model -}}
+{{- if not $m.encoderFrom }}
+- {stage: encoder, kind: encoder, component: ""}
+{{- end }}
+- {stage: denoiser, kind: denoiser, component: transformer}
+{{- if $m.twoExperts }}
+- {stage: denoiser-2, kind: denoiser, component: transformer_2}
+{{- end }}
+{{- if not $m.vaeFrom }}
+- {stage: vae, kind: vae, component: ""}
+{{- end }}
+{{- end -}}
+
+{{/* Names of the models that borrow this model's encoder (kind=encoder) or VAE (kind=vae): their aliases. */}}
+{{- define "chitu.borrowers" -}}
+{{- $out := list -}}
+{{- $field := ternary "encoderFrom" "vaeFrom" (eq .kind "encoder") -}}
+{{- range .root.Values.models -}}
+{{- if eq (default "" (index . $field)) $.model -}}
+{{- $out = append $out .name -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
