@@ -1,4 +1,10 @@
-"""Flux.1 family (FluxPipeline): CLIP pooled + T5 sequence conditioning, packed 2x2 latents, distilled guidance."""
+"""Flux.1 family (FluxPipeline): CLIP pooled + T5 sequence conditioning, packed 2x2 latents.
+
+Guidance follows the checkpoint's transformer: with ``guidance_embeds`` (Flux.1-dev) the scale is a transformer input
+(``distilled``); without (Flux.1-schnell, the trained demo model ``chitu-shapes-flux``) it is FluxPipeline's true
+CFG (``cfg``): ``guidance_scale`` is the pipeline's ``true_cfg_scale``, the negative prompt defaults to "", and both
+branches run when the scale is above 1, mixed as ``uncond + scale * (cond - uncond)``.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ class FluxAdapter(FamilyAdapter):
     denoiser_components = ("transformer", "scheduler")
     vae_components = ("vae",)
     guidance_kind = "distilled"
+    cfg_threshold = 1.0
+    """True CFG runs above this scale (FluxPipeline: ``true_cfg_scale > 1`` with a negative prompt, "" included)."""
 
     # -- facts ---------------------------------------------------------------------------------------------------
     @property
@@ -48,15 +56,23 @@ class FluxAdapter(FamilyAdapter):
             length = int(json.loads(cfg_path.read_text()).get("model_max_length", 512))
         return min(length, 512)
 
+    @property
+    def distilled(self) -> bool:
+        """Whether the transformer embeds the guidance scale (else the checkpoint serves with true CFG)."""
+        return bool(self.component_config("transformer").get("guidance_embeds"))
+
     def limits(self) -> Limits:
         defaults = checkpoint_defaults(self.checkpoint)
         multiple = self.vae_scale_factor * 2
+        distilled = self.distilled
         return Limits(
             size_multiple=multiple, min_size=multiple, max_size=defaults.get("max_size", 2048),
-            max_prompt_tokens=self.max_sequence_length,
-            guidance_kind="distilled" if self.component_config("transformer").get("guidance_embeds") else "none",
-            default_steps=defaults.get("steps", 28), default_guidance_scale=defaults.get("guidance_scale", 3.5),
+            max_prompt_tokens=self.max_sequence_length, guidance_kind="distilled" if distilled else "cfg",
+            default_steps=defaults.get("steps", 28),
+            # the pipeline's defaults: guidance_scale=3.5 (distilled), true_cfg_scale=1.0 (no CFG)
+            default_guidance_scale=defaults.get("guidance_scale", 3.5 if distilled else 1.0),
             default_width=defaults.get("width", 1024), default_height=defaults.get("height", 1024),
+            cfg_threshold=self.cfg_threshold, cfg_needs_negative_prompt=False,
         )
 
     # -- encoder stage ---------------------------------------------------------------------------------------------
@@ -73,11 +89,20 @@ class FluxAdapter(FamilyAdapter):
         if clip_tokens > model.tokenizer_max_length:
             warnings.append(f"prompt has {clip_tokens} CLIP tokens; the pooled embedding uses the first "
                             f"{model.tokenizer_max_length}")
+        negatives: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
             prompt_embeds, pooled, _ = model.encode_prompt(prompt=prompt, prompt_2=None, device=model._execution_device,
                                                            max_sequence_length=msl)
-        return EncodedPrompt({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}, warnings=warnings,
-                             prompt_tokens=n_tokens)
+            if negative_prompt is not None:  # the true-CFG branch, encoded as FluxPipeline encodes negative_prompt
+                neg_tokens = len(model.tokenizer_2(negative_prompt).input_ids)
+                if neg_tokens > msl:
+                    raise InvalidArgument(f"negative_prompt is {neg_tokens} tokens long; the limit of this model is "
+                                          f"{msl} tokens")
+                neg_embeds, neg_pooled, _ = model.encode_prompt(prompt=negative_prompt, prompt_2=None,
+                                                                device=model._execution_device, max_sequence_length=msl)
+                negatives = {"prompt_embeds": neg_embeds, "pooled_prompt_embeds": neg_pooled}
+        return EncodedPrompt({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}, negatives,
+                             warnings=warnings, prompt_tokens=n_tokens)
 
     # -- denoiser stage --------------------------------------------------------------------------------------------
     def load_denoiser(self, dtype: torch.dtype, device: torch.device, component: str = "transformer") -> Any:
@@ -102,12 +127,19 @@ class FluxAdapter(FamilyAdapter):
 
         transformer = model.transformer
         device, dtype = transformer.device, transformer.dtype
-        for name in ("prompt_embeds", "pooled_prompt_embeds"):
-            if name not in conditionings:
-                raise InvalidArgument(f"conditionings lacks {name!r} (got {sorted(conditionings)})")
-        prompt_embeds = conditionings["prompt_embeds"].to(device=device, dtype=dtype)
-        pooled = conditionings["pooled_prompt_embeds"].to(device=device, dtype=dtype)
-        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+        do_cfg = not transformer.config.guidance_embeds and params.guidance_scale > self.cfg_threshold
+        if do_cfg and not negative_conditionings:
+            raise InvalidArgument(f"negative_conditionings are required: this Flux checkpoint runs true CFG at "
+                                  f"guidance_scale={params.guidance_scale:g} > {self.cfg_threshold:g} (encode the "
+                                  f"negative prompt, \"\" by default)")
+        texts = {"cond": _text_inputs(conditionings, "conditionings", device, dtype)}
+        if do_cfg:
+            texts["uncond"] = _text_inputs(negative_conditionings, "negative_conditionings", device, dtype)
+            if texts["uncond"][0].shape[1] != texts["cond"][0].shape[1]:
+                raise InvalidArgument(f"negative_conditionings' prompt_embeds have {texts['uncond'][0].shape[1]} "
+                                      f"tokens, the prompt's {texts['cond'][0].shape[1]}: encode both with one "
+                                      f"max_sequence_length")
+        prompt_embeds, pooled, text_ids = texts["cond"]
         generator = torch.Generator("cpu").manual_seed(params.seed)
         latents, image_ids = model.prepare_latents(1, transformer.config.in_channels // 4, params.height, params.width,
                                                    prompt_embeds.dtype, device, generator, None)
@@ -126,17 +158,18 @@ class FluxAdapter(FamilyAdapter):
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full([1], params.guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
-        inputs = {"guidance": guidance, "pooled_projections": pooled, "encoder_hidden_states": prompt_embeds,
-                  "txt_ids": text_ids, "img_ids": image_ids}
+        inputs = {branch: {"guidance": guidance, "pooled_projections": pool, "encoder_hidden_states": embeds,
+                           "txt_ids": ids, "img_ids": image_ids} for branch, (embeds, pool, ids) in texts.items()}
         extras = {}
         constants = getattr(model, "step_constants", None)
-        if constants is not None:
+        if constants is not None:  # per branch: the text context differs, the rotary table is shared
             with torch.inference_mode():
-                extras["step_constants"] = [
-                    (constants["rope"], constants["rope"].compute(torch.cat((text_ids, image_ids), dim=0))),
-                    (constants["context"], constants["context"].compute(prompt_embeds))]
-        return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, branch_inputs={"cond": inputs},
-                            guidance_scale=params.guidance_scale, do_cfg=False, start_step=start_step,
+                rope = constants["rope"].compute(torch.cat((text_ids, image_ids), dim=0))
+                extras["step_constants"] = {
+                    branch: [(constants["rope"], rope), (constants["context"], constants["context"].compute(embeds))]
+                    for branch, (embeds, _, _) in texts.items()}
+        return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, branch_inputs=inputs,
+                            guidance_scale=params.guidance_scale, do_cfg=do_cfg, start_step=start_step,
                             end_step=end_step, total_steps=params.steps, extras=extras)
 
     def install_attention(self, model: Any, ops: Any) -> int:
@@ -185,13 +218,17 @@ class FluxAdapter(FamilyAdapter):
     def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         cfg = model.transformer.config
         gen = torch.Generator("cpu").manual_seed(0)
-        return ({"prompt_embeds": torch.randn(1, self.max_sequence_length, cfg.joint_attention_dim, generator=gen),
-                 "pooled_prompt_embeds": torch.randn(1, cfg.pooled_projection_dim, generator=gen)}, {})
+
+        def conds() -> dict[str, torch.Tensor]:
+            return {"prompt_embeds": torch.randn(1, self.max_sequence_length, cfg.joint_attention_dim, generator=gen),
+                    "pooled_prompt_embeds": torch.randn(1, cfg.pooled_projection_dim, generator=gen)}
+
+        return conds(), ({} if cfg.guidance_embeds else conds())
 
     def forward(self, model: Any, state: DenoiseState, latents: torch.Tensor, step: int, branch: Branch) -> torch.Tensor:
         # no host-device synchronisation: the timestep is indexed on the device, constants come from prepare
         timestep = state.timesteps[step].expand(latents.shape[0]).to(latents.dtype)
-        with using(state.extras.get("step_constants", [])):
+        with using(state.extras.get("step_constants", {}).get(branch, [])):
             return model.transformer(hidden_states=latents, timestep=timestep / 1000, return_dict=False,
                                      **state.branch_inputs[branch])[0]
 
@@ -215,6 +252,17 @@ class FluxAdapter(FamilyAdapter):
 
 FLUX_TEACACHE_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
 """TeaCache's rescaling polynomial for FLUX.1-dev (fitted by the TeaCache authors, TeaCache4FLUX)."""
+
+
+def _text_inputs(named: dict[str, torch.Tensor], field: str, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled_prompt_embeds, text_ids) of one branch, on the transformer's device and dtype."""
+    for name in ("prompt_embeds", "pooled_prompt_embeds"):
+        if name not in named:
+            raise InvalidArgument(f"{field} lacks {name!r} (got {sorted(named)})")
+    embeds = named["prompt_embeds"].to(device=device, dtype=dtype)
+    return (embeds, named["pooled_prompt_embeds"].to(device=device, dtype=dtype),
+            torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype))
 
 
 def _flux_modulated_input(block: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

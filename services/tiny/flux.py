@@ -1,6 +1,10 @@
 """Tiny Flux.1 checkpoint: the real classes (FluxTransformer2DModel, AutoencoderKL with 8x downsampling,
 CLIPTextModel, T5EncoderModel, FlowMatchEulerDiscreteScheduler) at toy sizes, saved as a diffusers folder that
-``FluxPipeline.from_pretrained`` loads."""
+``FluxPipeline.from_pretrained`` loads.
+
+Two variants: guidance-distilled (``guidance_embeds=True``, like Flux.1-dev: guidance_scale is a transformer input)
+and true CFG (``true_cfg=True``: ``guidance_embeds=False``, served like FluxPipeline's ``true_cfg_scale`` with a
+negative prompt). The component builders also make the trained demo model (``services.shapes.model``)."""
 
 from __future__ import annotations
 
@@ -21,35 +25,37 @@ def flux_scheduler():
     )
 
 
-def flux_vae(latent_channels: int = 4, widths: tuple[int, ...] = (8, 16, 16, 16), groups: int = 4):
+def flux_vae(latent_channels: int = 4, widths: tuple[int, ...] = (8, 16, 16, 16), groups: int = 4,
+             layers_per_block: int = 1):
     from diffusers import AutoencoderKL
 
     n = len(widths)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=widths,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=1, norm_num_groups=groups, sample_size=128,
+        layers_per_block=layers_per_block, norm_num_groups=groups, sample_size=128,
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
         force_upcast=True,
     )
 
 
-def clip_text_encoder(hidden: int = 32, layers: int = 2, heads: int = 2, projection: int = 32, vocab: int = 0):
+def clip_text_encoder(hidden: int = 32, layers: int = 2, heads: int = 2, projection: int = 32, vocab: int = 0,
+                      max_positions: int = 77):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                         num_attention_heads=heads, max_position_embeddings=77, projection_dim=projection,
+                         num_attention_heads=heads, max_position_embeddings=max_positions, projection_dim=projection,
                          bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_act="quick_gelu")
     return CLIPTextModel(cfg)
 
 
-def t5_text_encoder(d_model: int = 32, layers: int = 2, heads: int = 4, vocab: int = 0):
+def t5_text_encoder(d_model: int = 32, layers: int = 2, heads: int = 4, vocab: int = 0, dropout: float = 0.1):
     from transformers import T5Config, T5EncoderModel
 
     cfg = T5Config(vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, d_ff=d_model * 2, num_layers=layers,
                    num_heads=heads, relative_attention_num_buckets=8, relative_attention_max_distance=32,
                    feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_encoder_decoder=False,
-                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=dropout)
     return T5EncoderModel(cfg)
 
 
@@ -66,8 +72,9 @@ def flux_transformer(latent_channels: int = 4, layers: int = 1, single_layers: i
     )
 
 
-def make_tiny_flux(out_dir: str | Path, seed: int = 0, max_sequence_length: int = 64) -> Path:
-    """Write a tiny random-weight Flux.1 checkpoint folder and return its path."""
+def make_tiny_flux(out_dir: str | Path, seed: int = 0, max_sequence_length: int = 64, true_cfg: bool = False) -> Path:
+    """Write a tiny random-weight Flux.1 checkpoint folder and return its path; ``true_cfg`` builds the transformer
+    without guidance embeddings (served with true classifier-free guidance)."""
     from diffusers import FluxPipeline
 
     out = Path(out_dir)
@@ -81,7 +88,7 @@ def make_tiny_flux(out_dir: str | Path, seed: int = 0, max_sequence_length: int 
         tokenizer=tokenizer,
         text_encoder_2=t5_text_encoder(vocab=len(tokenizer_2)),
         tokenizer_2=tokenizer_2,
-        transformer=flux_transformer(),
+        transformer=flux_transformer(guidance=not true_cfg),
     )
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
