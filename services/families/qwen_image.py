@@ -35,6 +35,7 @@ from services.families.base import (
     SeqSplit,
     SequenceParallelPlan,
 )
+from services.families.cache_spec import CacheSpec
 from services.families.loading import checkpoint_defaults, load_partial_pipeline
 from services.families.text_limits import check_tokens, tokenizer_budget
 
@@ -199,6 +200,27 @@ class QwenImageAdapter(FamilyAdapter):
             joint_layout=("text", "image"),
             num_heads=int(self.component_config("transformer")["num_attention_heads"]),
         )
+
+    def cache_spec(self, component: str = "transformer") -> CacheSpec:
+        """One list of double-stream blocks taking (hidden, encoder_hidden, ..., temb) and returning (encoder_hidden,
+        hidden), as Flux's; per token 12 d^2 multiply-adds (attention projections + MLP) per stream plus the joint
+        attention. TeaCache is not offered: no rescaling polynomial has been fitted for this family."""
+        cfg = self.component_config(component)
+        dim = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+
+        def block_cost(block_list: int, image_tokens: int, text_tokens: int) -> float:
+            s = image_tokens + text_tokens
+            return 24.0 * dim * dim * s + 4.0 * s * s * dim
+
+        def attention_cost(block_list: int, image_tokens: int, text_tokens: int) -> float:
+            s = image_tokens + text_tokens
+            return 8.0 * dim * dim * s + 4.0 * s * s * dim
+
+        def tokens(state: DenoiseState) -> tuple[int, int]:
+            return int(state.latents.shape[1]), int(state.branch_inputs["cond"]["encoder_hidden_states"].shape[1])
+
+        return CacheSpec(block_lists=("transformer_blocks",), num_blocks=(int(cfg["num_layers"]),),
+                         block_cost=block_cost, attention_cost=attention_cost, tokens=tokens)
 
     def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         width = model.transformer.config.joint_attention_dim
