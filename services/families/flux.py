@@ -272,15 +272,3 @@ def _flux_modulated_input(block: torch.nn.Module, hidden: torch.Tensor, temb: to
 
 def _flux_tokens(state: DenoiseState) -> tuple[int, int]:
     return int(state.latents.shape[1]), int(state.branch_inputs["cond"]["encoder_hidden_states"].shape[1])
-
-FLUX_TEACACHE_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
-"""TeaCache's rescaling polynomial for FLUX.1-dev (fitted by the TeaCache authors, TeaCache4FLUX)."""
-
-
-def _flux_modulated_input(block: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-    """The image stream after the first double block's AdaLN-Zero modulation (what its attention sees)."""
-    return block.norm1(hidden, emb=temb)[0]
-
-
-def _flux_tokens(state: DenoiseState) -> tuple[int, int]:
-    return int(state.latents.shape[1]), int(state.branch_inputs["cond"]["encoder_hidden_states"].shape[1])
