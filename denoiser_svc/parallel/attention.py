@@ -14,7 +14,8 @@ Padding: sequences are zero-padded to a multiple of P by the sharder (``sharding
 where the padding sits. The wrapper drops padded keys (and values) before every kernel call, so padding never
 changes a result and the kernels run unmasked (any backend); a block that is all padding is skipped. Padded
 queries compute garbage that the sharder discards. A ``key_mask`` from the processor (text padding of the model
-itself) is gathered alongside the keys and handed to the kernel.
+itself) is gathered alongside the keys and handed to the kernel. A joint call made before the plan split anything
+in this transformer call (blocks that run whole on every rank, ahead of the split) runs the kernel locally.
 
 ``AttentionOps.cross`` (cross-attention to replicated text K/V) is passed through: only q is sharded, no
 communication is needed.
@@ -156,6 +157,8 @@ class SequenceParallelAttention:
     @torch.compiler.disable
     def joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.keys.sharded():  # a part of the model that runs whole on every rank
+            return self.kernel(q, k, v, key_mask)
         local_len = k.shape[1]
         self.keys.check_local_length(local_len)
         if self.ulysses.size > 1:

@@ -229,6 +229,11 @@ class SequenceSharder:
             raise RuntimeError(f"joint attention layout {self.plan.joint_layout} names segment {exc}, which no split "
                                f"produced in this call (splits so far: {sorted(self._segments)})") from None
 
+    def sharded(self) -> bool:
+        """Whether this call's joint attention runs on shards: False before any segment of the joint layout was
+        split (parts of a model that run whole on every rank ahead of the split, e.g. Z-Image's refiners)."""
+        return self._segments is not None and any(name in self._segments for name in self.plan.joint_layout)
+
     def check_local_length(self, local_len: int) -> None:
         expected = sum(seg.local for seg in self._joint_segments())
         if local_len != expected:

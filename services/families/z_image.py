@@ -26,7 +26,17 @@ from typing import Any
 import torch
 
 from services.errors import InvalidArgument
-from services.families.base import Branch, DenoiseState, EncodedPrompt, FamilyAdapter, Limits, SamplingParams
+from services.families.base import (
+    Branch,
+    DenoiseState,
+    EncodedPrompt,
+    FamilyAdapter,
+    Limits,
+    SamplingParams,
+    SeqGather,
+    SeqSplit,
+    SequenceParallelPlan,
+)
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
 from services.families.text_limits import check_tokens, tokenizer_budget
 
@@ -164,6 +174,22 @@ class ZImageAdapter(FamilyAdapter):
         from services.families.processors.z_image import install
 
         return install(model.transformer, ops)
+
+    def sequence_parallel_plan(self, component: str = "transformer") -> SequenceParallelPlan:
+        """The main blocks run sharded: the transformer builds their image + caption sequence (each part padded to a
+        multiple of 32 with its pad token) inside its forward, so it is split where the first main block receives it,
+        with the rotary table and key mask at every main block (each gets them whole); the output is gathered at the
+        final layer, before unpatchify. The refiners before it (a few blocks) run whole on every rank: their joint
+        attention happens before any split, so the sequence-parallel wrapper runs it locally. Every main-block token
+        is computed once per group."""
+        layers = "transformer.layers"
+        return SequenceParallelPlan(
+            splits={f"{layers}.0": (SeqSplit(0, 1, "unified"),),
+                    f"{layers}.*": (SeqSplit(1, 1, "unified"), SeqSplit(2, 1, "unified"), SeqSplit(4, 1, "unified"))},
+            gathers={"transformer.all_final_layer.*": SeqGather(1, "unified")},
+            joint_layout=("unified",),
+            num_heads=int(self.component_config("transformer")["n_heads"]),
+        )
 
     def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         width = model.transformer.config.cap_feat_dim

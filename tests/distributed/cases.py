@@ -71,7 +71,11 @@ def widen_heads(checkpoint: Path, out: Path, heads: int, seed: int = 0) -> Path:
     import diffusers
 
     cls = getattr(diffusers, cfg["_class_name"])
-    cfg["num_attention_heads"] = heads
+    if "n_heads" in cfg:  # Z-Image: width = heads x head size
+        head_dim = cfg["dim"] // cfg["n_heads"]
+        cfg.update(n_heads=heads, n_kv_heads=heads, dim=heads * head_dim)
+    else:
+        cfg["num_attention_heads"] = heads
     torch.manual_seed(seed)
     model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
     shutil.rmtree(tmp / "transformer")

@@ -62,9 +62,9 @@ def test_model_checks(tiny_flux: Path, checkpoints_dir: Path) -> None:
         check_layout(ParallelConfig(ulysses_degree=4), flux, "transformer")
     assert check_layout(ParallelConfig(ulysses_degree=2, ring_degree=2), flux, "transformer") is not None
     z_image = load_adapter(build_checkpoint("z_image", checkpoints_dir))
-    with pytest.raises(ConfigError, match="z_image family has no sequence-parallel plan"):
-        check_layout(ParallelConfig(ring_degree=2), z_image, "transformer")
-    check_layout(ParallelConfig(cfg_degree=2), z_image, "transformer")  # true CFG: fine
+    assert check_layout(ParallelConfig(cfg_degree=2, ring_degree=2), z_image, "transformer") is not None
+    with pytest.raises(ConfigError, match="ulysses_degree=3 must divide the model's 2 attention heads"):
+        check_layout(ParallelConfig(ulysses_degree=3), z_image, "transformer")
 
 
 def test_bad_layout_fails_before_any_rank_starts(tiny_flux: Path, tmp_path: Path) -> None:
