@@ -137,10 +137,11 @@ def family_cases(family: str, checkpoint: Path, widened: Path) -> list[Case]:
     return cases
 
 
-def reference(checkpoint: Path, job: DenoiseJob, component: str = "transformer") -> torch.Tensor:
+def reference(checkpoint: Path, job: DenoiseJob, component: str = "transformer", device: str = "cpu",
+              dtype: str = "float32") -> torch.Tensor:
     """The single-process result: the same worker stack with a group of one."""
-    config = load_config(DenoiserServiceConfig, overrides=[f"model.checkpoint={checkpoint}", "model.device=cpu",
-                                                           "model.dtype=float32", "warmup=false",
+    config = load_config(DenoiserServiceConfig, overrides=[f"model.checkpoint={checkpoint}", f"model.device={device}",
+                                                           f"model.dtype={dtype}", "warmup=false",
                                                            f"component={component}"])
     worker = Worker(config)
     worker.init_device()
@@ -156,8 +157,10 @@ def reference(checkpoint: Path, job: DenoiseJob, component: str = "transformer")
         torch.set_num_threads(threads)
 
 
-def run_pool(cases: list[Case], world: int, workdir: Path, timeout: float = 900.0) -> Path:
-    """Run ``cases`` on ``world`` real rank processes (gloo); returns the folder of saved latents."""
+def run_pool(cases: list[Case], world: int, workdir: Path, timeout: float = 900.0, device: str = "cpu",
+             dtype: str = "float32") -> Path:
+    """Run ``cases`` on ``world`` real rank processes (gloo on the CPU, NCCL on ``cuda``); returns the folder of
+    saved latents."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec = workdir / "spec.pt"
     torch.save({"cases": [c.spec() for c in cases]}, spec)
@@ -166,7 +169,8 @@ def run_pool(cases: list[Case], world: int, workdir: Path, timeout: float = 900.
     log_path = workdir / "group.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tests.distributed.group_main", str(spec), str(out),
-                                 "--world-size", str(world), "--master", f"127.0.0.1:{store.port}"],
+                                 "--world-size", str(world), "--master", f"127.0.0.1:{store.port}", "--device",
+                                 device, "--dtype", dtype],
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)

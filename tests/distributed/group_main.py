@@ -2,9 +2,10 @@
 real worker stack (``Worker`` -> ``ModelRunner`` -> CFG parallel, sequence sharding, Ulysses/Ring attention), one
 process-group layout per case, and saves each job's final latents per rank.
 
-``python -m tests.distributed.group_main SPEC OUT --world-size N --master HOST:PORT``: one process imports the
-stack once, then forks the N ranks (rank processes of their own, with their own torch.distributed state; forking
-saves each rank the ~5 s import, which on a 2-core CI machine dominates a pool's run time).
+``python -m tests.distributed.group_main SPEC OUT --world-size N --master HOST:PORT [--device cuda --dtype D]``:
+one process imports the stack once, then forks the N ranks (rank processes of their own, with their own
+torch.distributed state; forking saves each rank the ~5 s import, which on a 2-core CI machine dominates a pool's
+run time). With ``--device cuda`` (tests/gpu) the ranks are spawned instead, rank r on ``cuda:r``, over NCCL.
 
 SPEC (``torch.save``): ``{"cases": [{"name", "checkpoint", "component", "layout": {...}, "jobs": [DenoiseJob]}]}``.
 OUT/<case>/<request_id>.rank<R>.pt: the latents. Any error exits 1 (the test shows the output).
@@ -24,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 
-def run(spec_path: Path, out: Path, rank: int, world: int, master: str) -> None:
+def run(spec_path: Path, out: Path, rank: int, world: int, master: str, device: str = "cpu",
+        dtype: str = "float32") -> None:
     from denoiser_svc.config import DenoiserServiceConfig
     from denoiser_svc.parallel.groups import ParallelGroups
     from denoiser_svc.worker import Worker
@@ -32,16 +34,20 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str) -> None:
 
     host, port = master.rsplit(":", 1)
     store = dist.TCPStore(host, int(port), world, is_master=False, timeout=datetime.timedelta(seconds=120))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+    backend = "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        backend = "nccl"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     spec = torch.load(spec_path, weights_only=False)
     for case in spec["cases"]:
         t0 = time.perf_counter()
-        overrides = [f"model.checkpoint={case['checkpoint']}", "model.device=cpu", "model.dtype=float32",
+        overrides = [f"model.checkpoint={case['checkpoint']}", f"model.device={device}", f"model.dtype={dtype}",
                      "warmup=false", f"component={case['component']}",
                      *(f"parallel.{k}={v}" for k, v in case["layout"].items())]
         config = load_config(DenoiserServiceConfig, overrides=overrides)
-        groups = ParallelGroups.build(config.parallel, rank, "gloo")
+        groups = ParallelGroups.build(config.parallel, rank, backend)
         worker = Worker(config, groups=groups)
         worker.init_device()
         worker.load_model()
@@ -59,9 +65,9 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str) -> None:
     dist.destroy_process_group()
 
 
-def rank_main(spec: Path, out: Path, rank: int, world: int, master: str) -> None:
+def rank_main(spec: Path, out: Path, rank: int, world: int, master: str, device: str, dtype: str) -> None:
     try:
-        run(spec, out, rank, world, master)
+        run(spec, out, rank, world, master, device, dtype)
     except Exception:  # noqa: BLE001 - the test prints this
         print(f"rank {rank} failed:", file=sys.stderr)
         traceback.print_exc()
@@ -75,6 +81,8 @@ def main() -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--master", required=True)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
     import multiprocessing
 
@@ -89,8 +97,9 @@ def main() -> int:
         getattr(diffusers, adapter.component_config("transformer")["_class_name"])
 
     torch.set_num_threads(1)  # N ranks share the CI machine's cores: no oversubscription
-    ctx = multiprocessing.get_context("fork")
-    ranks = [ctx.Process(target=rank_main, args=(args.spec, args.out, r, args.world_size, args.master))
+    ctx = multiprocessing.get_context("spawn" if args.device == "cuda" else "fork")
+    ranks = [ctx.Process(target=rank_main, args=(args.spec, args.out, r, args.world_size, args.master, args.device,
+                                                 args.dtype))
              for r in range(args.world_size)]
     for proc in ranks:
         proc.start()
