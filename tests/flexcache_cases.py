@@ -19,8 +19,10 @@ from services.assets import build_tiny
 from services.config import load_config
 from services.families.base import SamplingParams
 
-DEEP_BLOCKS = {"flux": {"num_layers": 2, "num_single_layers": 4}, "wan": {"num_layers": 5}}
-"""Transformer config overrides of the ``deep`` tiny checkpoints: enough blocks for a front, a middle and a back."""
+DEEP_BLOCKS = {"flux": {"num_layers": 2, "num_single_layers": 4}, "flux_cfg": {"num_layers": 2, "num_single_layers": 4},
+               "wan": {"num_layers": 5}}
+"""Transformer config overrides of the ``deep`` tiny checkpoints: enough blocks for a front, a middle and a back.
+``flux_cfg`` is Flux without guidance embeddings, served with true CFG (two branches per step, as Wan)."""
 
 NEVER_HIT: dict[str, dict[str, Any]] = {
     "teacache": {"threshold": 0.0}, "first_block": {"threshold": 0.0}, "magcache": {"threshold": 0.0},
@@ -50,7 +52,16 @@ def deep_checkpoint(family: str, checkpoints_dir: Path, seed: int = 0) -> Path:
     out = checkpoints_dir / f"tiny-{family}-deep"
     if (out / "model_index.json").is_file():
         return out
-    base = build_tiny(family, checkpoints_dir / f"tiny-{family}", seed=seed)
+    if family == "flux_cfg":
+        from services.tiny.flux import make_tiny_flux
+
+        base = checkpoints_dir / "tiny-flux-true-cfg"
+        if not (base / "model_index.json").is_file():
+            make_tiny_flux(base, seed=seed, true_cfg=True)
+            (base / "chitu.json").write_text(json.dumps({"width": 64, "height": 64, "steps": 8,
+                                                         "guidance_scale": 3.5}))
+    else:
+        base = build_tiny(family, checkpoints_dir / f"tiny-{family}", seed=seed)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp)
@@ -97,6 +108,9 @@ def make_job(checkpoint: Path, strategy: str | None, settings: dict[str, Any] | 
         conds = {"prompt_embeds": torch.randn(1, text_tokens, cfg["joint_attention_dim"], generator=gen),
                  "pooled_prompt_embeds": torch.randn(1, cfg["pooled_projection_dim"], generator=gen)}
         negs: dict[str, torch.Tensor] = {}
+        if lim.guidance_kind == "cfg":  # true CFG: the negative branch runs (scale above 1)
+            negs = {"prompt_embeds": torch.randn(1, text_tokens, cfg["joint_attention_dim"], generator=gen),
+                    "pooled_prompt_embeds": torch.randn(1, cfg["pooled_projection_dim"], generator=gen)}
         guidance = 3.5
     else:
         conds = {"prompt_embeds": torch.randn(1, text_tokens, cfg["text_dim"], generator=gen)}

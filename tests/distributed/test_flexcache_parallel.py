@@ -1,7 +1,8 @@
 """FlexCache composes with every parallel layout: ``chitu serve denoiser`` with CFG parallel, Ulysses, Ring and
 Ulysses x CFG launches its own rank processes (the multi-process executor: rank 0 speaks gRPC and broadcasts each
 request, every rank runs its own cache session), and every cached request returns what the cached request returns
-in one process, with the same hit pattern on every rank.
+in one process, with the same hit pattern on every rank. Flux (one branch) covers Ulysses and Ring, true-CFG Flux
+(TeaCache deciding for both branches across the CFG group) covers CFG parallel, Wan covers Ulysses x CFG.
 
 Why they must agree: every value-dependent decision (TeaCache, First-Block, DBCache, MagCache) is taken on partial
 sums reduced over the sequence-parallel and CFG groups (float64, padding left out), so all ranks, and both CFG
@@ -45,7 +46,7 @@ TOLERANCE = 1e-5
 LAYOUTS = {
     "flux-ulysses2": ("flux", {"ulysses_degree": 2}),
     "flux-ring2": ("flux", {"ring_degree": 2}),
-    "wan-cfg2": ("wan", {"cfg_degree": 2}),
+    "flux_cfg-cfg2": ("flux_cfg", {"cfg_degree": 2}),
     "wan-cfg2-ulysses2": ("wan", {"cfg_degree": 2, "ulysses_degree": 2}),
 }
 JOB_SHAPE = {"size": (48, 80), "frames": 1, "text_tokens": 15}
@@ -134,7 +135,7 @@ def denoise(address: str, request: denoiser_pb2.DenoiseRequest) -> tuple[torch.T
 def single_process(checkpoints_dir: Path) -> dict[str, tuple[torch.Tensor, dict[str, str]]]:
     """Request id -> (latents, metadata) of each cached job in one process."""
     out = {}
-    for family in ("flux", "wan"):
+    for family in sorted({family for family, _ in LAYOUTS.values()}):
         ckpt = deep_checkpoint(family, checkpoints_dir)
         worker = make_worker(ckpt)
         for job in jobs(family, ckpt):

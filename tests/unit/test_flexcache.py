@@ -27,8 +27,9 @@ from services.registry import load_adapter
 from tests.flexcache_cases import NEVER_HIT, REAL, deep_checkpoint, make_job, make_worker, run_job
 from tests.reference import rel_err
 
-FAMILIES = ("flux", "wan")
-CASES = [(f, s) for f in FAMILIES for s in strategy_names() if not (f == "wan" and s == "teacache")]
+FAMILIES = ("flux", "wan", "flux_cfg")
+CASES = [(f, s) for f in ("flux", "wan") for s in strategy_names() if not (f == "wan" and s == "teacache")]
+CASES.append(("flux_cfg", "teacache"))  # TeaCache deciding once for two CFG branches on one rank (probe pass)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_bad_policies_name_the_field_and_the_allowed_values(msg: cache_pb2.Cache
 
 
 def test_model_dependent_checks(deep: dict[str, Path]) -> None:
-    flux, wan = (load_adapter(deep[f]) for f in FAMILIES)
+    flux, wan = (load_adapter(deep[f]) for f in ("flux", "wan"))
     too_many = policy_from_proto(cache_pb2.CachePolicy(dbcache=cache_pb2.DBCacheConfig(front_blocks=4, back_blocks=2)))
     with pytest.raises(InvalidArgument) as info:
         validate_for_model(too_many, flux.cache_spec(), "flux")
