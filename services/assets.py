@@ -11,6 +11,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path.home() / ".cache" / "chitu" / "checkpoints"
 TINY_DEFAULT_NAME = "tiny-flux"
+EMBEDDED_CHECKPOINT = REPO_ROOT / "services" / "checkpoints" / "chitu-shapes-flux"
+"""The trained demo model (``docs/shapes-model.md``), committed in the repo once trained."""
 TINY_DEFAULTS = {"width": 128, "height": 128, "steps": 8, "guidance_scale": 3.5, "max_size": 1024}
 
 
@@ -39,8 +41,11 @@ def build_tiny(family: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def default_checkpoint() -> Path:
-    """The embedded default model folder, building the tiny Flux checkpoint into the cache if needed."""
+def default_checkpoint(embedded: Path = EMBEDDED_CHECKPOINT) -> Path:
+    """The embedded default model folder: the trained ``chitu-shapes-flux`` checkpoint when the repo has it, else the
+    tiny random-weight Flux checkpoint (built into the cache if needed)."""
+    if (embedded / "model_index.json").is_file():
+        return embedded
     path = CACHE_DIR / TINY_DEFAULT_NAME
     if not (path / "model_index.json").is_file():
         build_tiny("flux", path)
