@@ -129,3 +129,21 @@ def test_training_text_path_is_the_pipelines() -> None:
         ref_embeds, ref_pooled, _ = pipe.encode_prompt(caps, None, max_sequence_length=cfg.max_tokens)
     torch.testing.assert_close(embeds, ref_embeds, rtol=0, atol=0)
     torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=0)
+
+
+def test_non_finite_loss_stops_the_run_without_saving(train, resumed_run: Path, tmp_path: Path) -> None:
+    """A diverging transformer stage (absurd learning rate) stops within its first steps with exit code 2, and the
+    run folder keeps its last saved state."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(resumed_run, run)
+    p = json.loads((run / M.PROGRESS).read_text())
+    p["train"]["steps"], p["train"]["lr"], p["train"]["warmup"], p["train"]["grad_clip"] = 12, 1e30, 1, 1e30
+    p["finished"] = p["transformer"]["done"] = False
+    (run / M.PROGRESS).write_text(json.dumps(p))
+    before = {f.name: f.read_bytes() for f in run.glob("trainable-*.safetensors")}
+    assert train.main(["--run-dir", str(run), "--device", "cpu", "--skip-eval"]) == 2
+    after = json.loads((run / M.PROGRESS).read_text())
+    assert after["transformer"]["steps_done"] == 6
+    assert {f.name: f.read_bytes() for f in run.glob("trainable-*.safetensors")} == before
