@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from denoiser_svc.cache import CachePolicy, policy_from_proto, validate_for_model
+from denoiser_svc.cache.policy import CACHE_STRATEGIES_KEY, usable_strategies
 from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.engine import DenoiserEngine
 from denoiser_svc.executor import Executor, make_executor, run_group_process
@@ -96,7 +97,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
     async def GetDenoiserInfo(self, request: denoiser_pb2.GetDenoiserInfoRequest,
                               context: grpc.aio.ServicerContext) -> denoiser_pb2.GetDenoiserInfoResponse:
         metadata = {**self.executor.describe(), **{k: str(v) for k, v in self.engine.counts().items()},
-                    "component": self.config.component}
+                    "component": self.config.component,
+                    CACHE_STRATEGIES_KEY: ",".join(usable_strategies(self.adapter.cache_spec(self.config.component)))}
         info = stage_info(self.config.model, self.adapter, "denoiser", self.executor_dtype, self.executor_device,
                           components=(self.config.component, "scheduler"), metadata=metadata)
         return denoiser_pb2.GetDenoiserInfoResponse(info=info)

@@ -27,6 +27,7 @@ from services.errors import (
 from services.families.base import Limits
 from services.log import get_logger, setup_logging
 from services.proto.chitu.v1 import (
+    cache_pb2,
     common_pb2,
     denoiser_pb2,
     encoder_pb2,
@@ -78,6 +79,21 @@ class Route:
         if enc is not None and enc.limits.max_prompt_tokens:
             lim = Limits(**{**lim.__dict__, "max_prompt_tokens": enc.limits.max_prompt_tokens})
         return lim
+
+    def check_cache_policy(self, msg: cache_pb2.CachePolicy) -> None:
+        """Range checks and the model's usable strategies, before any stage works on the request (the denoiser
+        still checks the policy against its transformer's exact structure)."""
+        from denoiser_svc.cache.policy import CACHE_STRATEGIES_KEY, policy_from_proto
+
+        policy = policy_from_proto(msg)
+        info = self.denoiser.info()
+        if info is None or CACHE_STRATEGIES_KEY not in info.metadata:
+            return  # an older denoiser: it validates the policy itself
+        allowed = [s for s in info.metadata[CACHE_STRATEGIES_KEY].split(",") if s]
+        name = policy.strategy.value
+        if name not in allowed:
+            raise InvalidArgument(f"cache.{name}: model {self.config.model!r} ({info.family}) cannot use {name}; "
+                                  f"allowed for this model: {allowed}")
 
     def family(self) -> str:
         for pool in (self.denoiser, self.encoder, self.vae):
@@ -251,6 +267,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
         route = self.route(request.model)
         settings = resolve_settings(request, route.limits())
+        if request.HasField("cache"):
+            route.check_cache_policy(request.cache)
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else self.config.default_deadline_seconds)
 

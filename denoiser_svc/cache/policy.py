@@ -94,6 +94,11 @@ def policy_to_proto(policy: CachePolicy) -> cache_pb2.CachePolicy:
     return msg
 
 
+CACHE_STRATEGIES_KEY = "cache_strategies"
+"""Key of the denoiser's info metadata listing the strategies its model can use (comma-separated); the orchestrator
+checks a request's policy against it before any stage works on the request."""
+
+
 def usable_strategies(spec: CacheSpec | None) -> list[str]:
     """The strategies a model with ``spec`` can use (with their default settings)."""
     if spec is None:
