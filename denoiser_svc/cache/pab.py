@@ -38,6 +38,12 @@ class PABConfig(StrategyConfig):
     end_fraction: float = setting(0.9, 0.0, 1.0)
     """Where in the run broadcasting stops (above ``start_fraction``)."""
 
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.end_fraction <= self.start_fraction:
+            raise InvalidArgument(f"{prefix}.end_fraction={self.end_fraction} must be above start_fraction="
+                                  f"{self.start_fraction}; allowed: start_fraction < end_fraction <= 1")
+
 
 def _clone_output(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
@@ -75,10 +81,7 @@ class PAB(Strategy):
 
     @classmethod
     def check(cls, config: StrategyConfig, spec: CacheSpec) -> None:
-        assert isinstance(config, PABConfig)
-        if config.end_fraction <= config.start_fraction:
-            raise InvalidArgument(f"cache.pab.end_fraction={config.end_fraction} must be above start_fraction="
-                                  f"{config.start_fraction}; allowed: start_fraction < end_fraction <= 1")
+        assert isinstance(config, PABConfig)  # the window is checked with the config (PABConfig.validate)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
