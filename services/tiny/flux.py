@@ -72,24 +72,55 @@ def flux_transformer(latent_channels: int = 4, layers: int = 1, single_layers: i
     )
 
 
-def make_tiny_flux(out_dir: str | Path, seed: int = 0, max_sequence_length: int = 64, true_cfg: bool = False) -> Path:
+def real_size_configs() -> dict[str, dict]:
+    """Flux.1-dev's component sizes (random weights for the GPU smoke run): a 12 B transformer, CLIP-L, T5-XXL and the
+    16-channel VAE. The in-memory tokenizers stay small; the embedding tables have the released vocabulary sizes."""
+    return {
+        "transformer": {"latent_channels": 16, "layers": 19, "single_layers": 38, "heads": 24, "head_dim": 128,
+                        "text_dim": 4096, "pooled_dim": 768, "guidance": True, "axes": (16, 56, 56)},
+        "vae": {"latent_channels": 16, "widths": (128, 256, 512, 512), "groups": 32},
+        "text_encoder": {"hidden": 768, "layers": 12, "heads": 12, "projection": 768, "vocab": 49408},
+        "text_encoder_2": {"d_model": 4096, "layers": 24, "heads": 64, "vocab": 32128, "d_ff": 10240, "d_kv": 64},
+    }
+
+
+def make_tiny_flux(out_dir: str | Path, seed: int = 0, max_sequence_length: int = 64, true_cfg: bool = False,
+                   real: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Path:
     """Write a tiny random-weight Flux.1 checkpoint folder and return its path; ``true_cfg`` builds the transformer
-    without guidance embeddings (served with true classifier-free guidance)."""
+    without guidance embeddings (served with true classifier-free guidance); ``real`` builds Flux.1-dev's sizes
+    (about 33 GB in bfloat16; initialise on a GPU)."""
     from diffusers import FluxPipeline
+
+    from services.tiny.real_size import building
 
     out = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = make_clip_tokenizer(77)
-    tokenizer_2 = make_t5_tokenizer(max_sequence_length)
-    pipe = FluxPipeline(
-        scheduler=flux_scheduler(),
-        vae=flux_vae(),
-        text_encoder=clip_text_encoder(vocab=len(tokenizer)),
-        tokenizer=tokenizer,
-        text_encoder_2=t5_text_encoder(vocab=len(tokenizer_2)),
-        tokenizer_2=tokenizer_2,
-        transformer=flux_transformer(guidance=not true_cfg),
-    )
+    tokenizer_2 = make_t5_tokenizer(512 if real else max_sequence_length)
+    if real:
+        cfg = real_size_configs()
+        t5 = cfg["text_encoder_2"]
+        with building(dtype, device):
+            from transformers import T5Config, T5EncoderModel
+
+            text_encoder_2 = T5EncoderModel(T5Config(
+                vocab_size=t5["vocab"], d_model=t5["d_model"], d_kv=t5["d_kv"], d_ff=t5["d_ff"],
+                num_layers=t5["layers"], num_heads=t5["heads"], feed_forward_proj="gated-gelu",
+                dense_act_fn="gelu_new", is_encoder_decoder=False, pad_token_id=0, eos_token_id=1))
+            components = {"vae": flux_vae(**cfg["vae"]), "text_encoder": clip_text_encoder(**cfg["text_encoder"]),
+                          "text_encoder_2": text_encoder_2,
+                          "transformer": flux_transformer(**{**cfg["transformer"], "guidance": not true_cfg})}
+    else:
+        components = {"vae": flux_vae(), "text_encoder": clip_text_encoder(vocab=len(tokenizer)),
+                      "text_encoder_2": t5_text_encoder(vocab=len(tokenizer_2)),
+                      "transformer": flux_transformer(guidance=not true_cfg)}
+    pipe = FluxPipeline(scheduler=flux_scheduler(), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **components)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+if __name__ == "__main__":
+    from services.tiny.real_size import builder_main
+
+    builder_main(make_tiny_flux, "Flux.1-dev checkpoint folder with random weights (tiny, or --real sizes)")
