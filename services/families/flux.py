@@ -250,6 +250,7 @@ class FluxAdapter(FamilyAdapter):
             image = model.image_processor.postprocess(image, output_type="pt")
         return self.to_uint8_frames(image)
 
+
 FLUX_TEACACHE_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
 """TeaCache's rescaling polynomial for FLUX.1-dev (fitted by the TeaCache authors, TeaCache4FLUX)."""
 
