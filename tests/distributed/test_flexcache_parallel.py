@@ -155,6 +155,12 @@ def test_cached_group_equals_cached_single_process(layout_name: str, checkpoints
     try:
         address = group.wait_ready()
         results = {job.request_id: denoise(address, to_request(job, "m")) for job in jobs(family, ckpt)}
+        # every rank logs its summary when it releases the request, which ranks 1..N-1 may do just after rank 0
+        # has answered: wait for all of them before stopping the group (a stop would cut the last lines off)
+        expected = {("denoiser" if r == 0 else f"denoiser-rank{r}", rid) for r in range(world) for rid in results}
+        deadline = time.monotonic() + 30
+        while not expected <= set(group.summaries()) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         group.stop()
     summaries = group.summaries()
