@@ -16,6 +16,7 @@ rest spread evenly over the steps in between (midpoints of equal segments).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 
 from denoiser_svc.cache.hooks import ModelHook, Skip, register_hook, remove_hooks
 from denoiser_svc.cache.registry import StrategyConfig, StrategyName, register, setting
-from denoiser_svc.cache.strategy import BranchRun, StepRecord, Strategy
+from denoiser_svc.cache.strategy import BranchRun, StepRecord, Strategy, tensor_bytes
 
 MEANCACHE_HOOK = "flexcache.meancache"
 
@@ -51,15 +52,21 @@ def fresh_steps(steps: int, fresh_fraction: float, warmup_steps: int, final_step
     return frozenset(range(head)) | frozenset(range(steps - tail, steps)) | frozenset(inner)
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
+Prediction = torch.Tensor | list[torch.Tensor]
+"""The transformer's prediction: one tensor, or one tensor per batch element (Z-Image returns a list)."""
+
+
+def _prediction(output: Any) -> Prediction:
+    """The prediction in a transformer's output: the output itself, its first item, or a ModelOutput's first field."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, tuple | list):
-        return output[0]
+        first = output[0]
+        return list(first) if isinstance(first, list | tuple) else first
     return output[next(iter(output.keys()))]  # a diffusers ModelOutput
 
 
-def _replace_first(output: Any, value: torch.Tensor) -> Any:
+def _replace_prediction(output: Any, value: Prediction) -> Any:
     if isinstance(output, torch.Tensor):
         return value
     if isinstance(output, tuple | list):
@@ -67,6 +74,13 @@ def _replace_first(output: Any, value: torch.Tensor) -> Any:
     out = type(output)(**dict(output))
     out[next(iter(output.keys()))] = value
     return out
+
+
+def _each(fn: Callable[..., torch.Tensor], *values: Prediction) -> Prediction:
+    """``fn`` applied to the tensors of predictions of one structure (per batch element for lists)."""
+    if isinstance(values[0], torch.Tensor):
+        return fn(*values)
+    return [fn(*items) for items in zip(*values, strict=True)]
 
 
 class _MeanCacheHook(ModelHook):
@@ -106,9 +120,9 @@ class MeanCache(Strategy):
     def record(self, run: BranchRun, output: Any) -> None:
         state = run.state
         state.previous = getattr(state, "latest", None)
-        velocity = _first_tensor(output).detach().clone()
+        velocity = _each(lambda v: v.detach().clone(), _prediction(output))
         state.latest = (self.run.times[run.step], velocity)
-        state.template = _replace_first(output, velocity)  # the output's structure, holding only our copy
+        state.template = _replace_prediction(output, velocity)  # the output's structure, holding only our copy
 
     def estimate(self, run: BranchRun) -> Any:
         state = run.state
@@ -117,8 +131,9 @@ class MeanCache(Strategy):
         if state.previous is not None:
             t_p, v_p = state.previous
             t_mid = 0.5 * (self.run.times[run.step] + self.run.times[run.step + 1])
-            velocity = v_f + ((t_mid - t_f) / (t_f - t_p)) * (v_f - v_p)
-        return _replace_first(state.template, velocity)
+            slope = (t_mid - t_f) / (t_f - t_p)
+            velocity = _each(lambda f, p: f + slope * (f - p), v_f, v_p)
+        return _replace_prediction(state.template, velocity)
 
     def end_step(self, step: int) -> StepRecord:
         hit = bool(self.decision)
@@ -130,7 +145,7 @@ class MeanCache(Strategy):
             for name in ("latest", "previous"):
                 item = getattr(state, name, None)
                 if item is not None:
-                    total += item[1].numel() * item[1].element_size()
+                    total += tensor_bytes(item[1])
         return total
 
 

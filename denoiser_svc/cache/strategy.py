@@ -14,7 +14,9 @@ One step of one request, as ``CacheSession.forward`` drives it:
 
 Block-range strategies split the blocks into front ``[0, f)`` (always computed; with a probe, its output is reused
 by the real forward), middle ``[f, N - b)`` (computed, or replaced by the cache) and back ``[N - b, N)`` (always
-computed). The decision point is the call of the first middle block.
+computed). The decision point is the call of the first middle block. The hooks see every block call in the spec's
+canonical form (``BlockIO``: image tokens, text tokens), so a range may start in one block list and end in another
+of another call convention (FLUX.2: double-stream blocks, then single-stream blocks on the joint sequence).
 """
 
 from __future__ import annotations
@@ -271,18 +273,23 @@ class BlockRangeStrategy(Strategy):
     def block_pre(self, run: BranchRun, i: int, block: torch.nn.Module, args: tuple,
                   kwargs: dict[str, Any]) -> tuple[tuple, dict] | Skip:
         rs = self.resolved
+        if rs.has_joint:  # joint blocks are split at the text length of the forward's separate-stream blocks
+            text_len = rs.text_length(i, args, kwargs)
+            if text_len is not None:
+                run.scratch["text_len"] = text_len
+        tl = run.scratch.get("text_len")
         first, last = self.middle.start, self.middle.stop - 1
         if i < first:
             stash = run.scratch.get("front_stash")
             if stash is not None and not run.probe:  # this step's probe computed the front already
                 if i == first - 1:
-                    return Skip(rs.make_output(*stash))
-                return Skip(self._passthrough(block, args, kwargs))
+                    return Skip(rs.make_output(i, *stash))
+                return Skip(self._passthrough(i, args, kwargs, tl))
             if i == 0 and self.needs_front_input and run.metric is None:
-                run.scratch["front_in"] = _clone(rs.block_inputs(block, args, kwargs).hidden)
+                run.scratch["front_in"] = _clone(rs.block_inputs(i, args, kwargs, tl).hidden)
             return args, kwargs
         if i == first:
-            io = rs.block_inputs(block, args, kwargs)
+            io = rs.block_inputs(i, args, kwargs, tl)
             mid_in = BlockIO(_clone(io.hidden), _clone(io.context), io.temb)
             run.scratch["mid_in"] = mid_in
             if self.needs_current_metric and run.metric is None:
@@ -290,27 +297,28 @@ class BlockRangeStrategy(Strategy):
                     run.scratch["front_stash"] = (mid_in.hidden, mid_in.context)
                 self.decide_inline(run, self.metric(run, block, mid_in))
             if run.probe:
-                return Skip(rs.make_output(io.hidden, io.context))
+                return Skip(rs.make_output(i, io.hidden, io.context))
             if self.decision is None:
                 raise RuntimeError(f"{self.name.value}: no cache decision at step {run.step}")
             run.scratch["hit"] = hit = bool(self.decision)
             if hit:
-                return Skip(rs.make_output(*self.reuse(run, mid_in)) if i == last
-                            else rs.make_output(io.hidden, io.context))
+                return Skip(rs.make_output(i, *self.reuse(run, mid_in)) if i == last
+                            else rs.make_output(i, io.hidden, io.context))
             return args, kwargs
         if run.probe or (i <= last and run.scratch["hit"]):
             if i == last and not run.probe:
-                return Skip(rs.make_output(*self.reuse(run, run.scratch["mid_in"])))
-            return Skip(self._passthrough(block, args, kwargs))
+                return Skip(rs.make_output(i, *self.reuse(run, run.scratch["mid_in"])))
+            return Skip(self._passthrough(i, args, kwargs, tl))
         return args, kwargs
 
-    def _passthrough(self, block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        io = self.resolved.block_inputs(block, args, kwargs)
-        return self.resolved.make_output(io.hidden, io.context)
+    def _passthrough(self, i: int, args: tuple, kwargs: dict[str, Any], text_len: int | None) -> Any:
+        """Block ``i``'s output when it is skipped without changing the sequence (its input, in its output form)."""
+        io = self.resolved.block_inputs(i, args, kwargs, text_len)
+        return self.resolved.make_output(i, io.hidden, io.context)
 
     def block_post(self, run: BranchRun, i: int, output: Any) -> Any:
         if i == self.middle.stop - 1 and not run.probe and not run.scratch.get("hit", True):
-            hidden, context = self.resolved.read_output(output)
+            hidden, context = self.resolved.read_output(i, output, run.scratch.get("text_len"))
             self.store(run, run.scratch["mid_in"], hidden, context)
         return output
 

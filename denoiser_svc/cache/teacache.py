@@ -60,9 +60,10 @@ class TeaCache(BlockRangeStrategy):
 
     @classmethod
     def unsupported_reason(cls, spec: CacheSpec) -> str | None:
-        if spec.modulated_input is None:
+        reason = super().unsupported_reason(spec)  # the family's own reason first (e.g. no fitted polynomial)
+        if reason is None and spec.modulated_input is None:
             return "its adapter defines no timestep-modulated input"
-        return super().unsupported_reason(spec)
+        return reason
 
     @classmethod
     def check(cls, config: StrategyConfig, spec: CacheSpec) -> None:

@@ -7,7 +7,15 @@ never look at model classes: every architecture fact they use is a field here.
 Block call convention: every block of ``block_lists`` is called with keyword (or positional) arguments that include
 ``hidden_arg`` (image/video tokens, sharded under sequence parallelism), ``context_arg`` (text tokens, replicated;
 None when the blocks do not transform them) and ``temb_arg`` (the timestep embedding), and returns
-``block_output``: the names ``"hidden"``/``"context"`` in return order (one name = a bare tensor).
+``block_output``: the names ``"hidden"``/``"context"`` in return order (one name = a bare tensor). A list whose
+blocks follow another convention names it in ``list_calls`` (a ``BlockCall``): FLUX.2's single-stream blocks take
+one *joint* sequence, the text tokens then the image tokens concatenated, and return that concatenation.
+
+The caches see every block call in one canonical form, ``BlockIO`` (hidden = image tokens, context = text tokens):
+a joint sequence is split at the text length of the same forward's last separate-stream block call (under sequence
+parallelism each rank's joint sequence is its text shard then its image shard, so the local text length splits it),
+and joined again for the block's output. A residual cached across lists (front in the double-stream blocks, back in
+the single-stream ones) is therefore the same tensor pair on either side.
 """
 
 from __future__ import annotations
@@ -33,6 +41,22 @@ def _unit_cost(block_list: int, image_tokens: int, text_tokens: int) -> float:
 
 def _half_cost(block_list: int, image_tokens: int, text_tokens: int) -> float:
     return 0.5
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """How the blocks of one list are called and what they return (``CacheSpec.list_calls``)."""
+
+    hidden_arg: str = "hidden_states"
+    """Block argument with the image tokens (with ``joint``: the text tokens then the image tokens)."""
+    context_arg: str | None = "encoder_hidden_states"
+    """Block argument with the text tokens when the blocks transform them separately; None otherwise."""
+    temb_arg: str = "temb"
+    """Block argument with the timestep embedding (or its modulation)."""
+    output: tuple[str, ...] = ("context", "hidden")
+    """What a block returns, in order (one name = a bare tensor; with ``joint``: ``("hidden",)``)."""
+    joint: bool = False
+    """``hidden_arg`` holds ``[text; image]`` concatenated along dim 1 and the block returns that concatenation."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +91,24 @@ class CacheSpec:
     """``DenoiseState -> (image tokens, text tokens)`` of the whole (unsharded) sequence, for the costs."""
     unsupported: dict[str, str] = field(default_factory=dict)
     """Strategy name -> why this family cannot use it (beyond what the fields above imply)."""
+    list_calls: tuple[BlockCall | None, ...] = ()
+    """Per block list, its call convention where it differs from the fields above (None or absent: those)."""
+
+    def __post_init__(self) -> None:
+        separate = False
+        for index, count in enumerate(self.num_blocks):
+            call = self.call(index)
+            if call.joint and count and not separate:
+                raise ValueError(f"block list {self.block_lists[index]!r} takes a joint text+image sequence, but no "
+                                 f"list with a separate text argument runs before it (its text length is unknown)")
+            separate = separate or bool(count and not call.joint and call.context_arg)
+
+    def call(self, index: int) -> BlockCall:
+        """The call convention of block list ``index``."""
+        own = self.list_calls[index] if index < len(self.list_calls) else None
+        if own is not None:
+            return own
+        return BlockCall(self.hidden_arg, self.context_arg, self.temb_arg, self.block_output)
 
     @property
     def total_blocks(self) -> int:
@@ -91,39 +133,77 @@ class CacheSpec:
                 raise ValueError(f"{type(module).__name__}.{path} has {len(lst)} blocks, the config says {count}")
             blocks.extend(lst)
         attention = [getattr(b, self.attention) for b in blocks] if self.attention else []
-        return ResolvedSpec(self, module, tuple(blocks), tuple(attention))
+        calls = tuple(self.call(i) for i, count in enumerate(self.num_blocks) for _ in range(count))
+        return ResolvedSpec(self, module, tuple(blocks), tuple(attention), calls)
 
 
 @dataclass(frozen=True)
 class ResolvedSpec:
-    """A ``CacheSpec`` bound to one loaded transformer."""
+    """A ``CacheSpec`` bound to one loaded transformer. Blocks are numbered in execution order over all lists;
+    ``text_len`` (joint lists only) is the local text length of the forward (``text_length`` of an earlier block)."""
 
     spec: CacheSpec
     transformer: torch.nn.Module
     blocks: tuple[torch.nn.Module, ...]
     attention: tuple[torch.nn.Module, ...]
+    calls: tuple[BlockCall, ...] = ()
+    """The call convention of each block."""
 
-    def block_inputs(self, block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> BlockIO:
-        """The hidden/context/temb tensors of one block call."""
-        bound = _signature(type(block)).bind_partial(block, *args, **kwargs).arguments
-        s = self.spec
-        return BlockIO(bound[s.hidden_arg], bound.get(s.context_arg) if s.context_arg else None,
-                       bound.get(s.temb_arg))
+    @property
+    def has_joint(self) -> bool:
+        """Some block takes a joint text+image sequence (the hooks must track the forward's text length)."""
+        return any(c.joint for c in self.calls)
 
-    def read_output(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden, context) of a block's return value."""
-        names = self.spec.block_output
-        if len(names) == 1:
+    def _bound(self, i: int, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        block = self.blocks[i]
+        return _signature(type(block)).bind_partial(block, *args, **kwargs).arguments
+
+    def text_length(self, i: int, args: tuple, kwargs: dict[str, Any]) -> int | None:
+        """Length of the separate text argument of block ``i``'s call (None for joint or text-free blocks)."""
+        call = self.calls[i]
+        if call.joint or call.context_arg is None:
+            return None
+        context = self._bound(i, args, kwargs).get(call.context_arg)
+        return None if context is None else int(context.shape[1])
+
+    def block_inputs(self, i: int, args: tuple, kwargs: dict[str, Any], text_len: int | None = None) -> BlockIO:
+        """The (canonical) hidden/context/temb tensors of block ``i``'s call."""
+        call = self.calls[i]
+        bound = self._bound(i, args, kwargs)
+        temb = bound.get(call.temb_arg)
+        if call.joint:
+            joined = bound[call.hidden_arg]
+            n = _need_text_len(text_len, i)
+            return BlockIO(joined[:, n:], joined[:, :n], temb)
+        return BlockIO(bound[call.hidden_arg], bound.get(call.context_arg) if call.context_arg else None, temb)
+
+    def read_output(self, i: int, output: Any, text_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, context) of block ``i``'s return value."""
+        call = self.calls[i]
+        if call.joint:
+            n = _need_text_len(text_len, i)
+            return output[:, n:], output[:, :n]
+        if len(call.output) == 1:
             return output, None
-        values = dict(zip(names, output, strict=True))
+        values = dict(zip(call.output, output, strict=True))
         return values["hidden"], values.get("context")
 
-    def make_output(self, hidden: torch.Tensor, context: torch.Tensor | None) -> Any:
-        """A block's return value from (hidden, context)."""
-        names = self.spec.block_output
-        if len(names) == 1:
+    def make_output(self, i: int, hidden: torch.Tensor, context: torch.Tensor | None) -> Any:
+        """Block ``i``'s return value from (hidden, context)."""
+        call = self.calls[i]
+        if call.joint:
+            if context is None:
+                raise RuntimeError(f"block {i} returns a joint text+image sequence, but no text tokens were given")
+            return torch.cat([context, hidden], dim=1)
+        if len(call.output) == 1:
             return hidden
-        return tuple(hidden if n == "hidden" else context for n in names)
+        return tuple(hidden if n == "hidden" else context for n in call.output)
+
+
+def _need_text_len(text_len: int | None, i: int) -> int:
+    if text_len is None:
+        raise RuntimeError(f"block {i} takes a joint text+image sequence, but this forward's text length is unknown")
+    return text_len
 
 
 @dataclass
@@ -139,6 +219,13 @@ class BlockIO:
 def _signature(cls: type) -> inspect.Signature:
     """``cls.forward``'s signature (a pure function of the class, computed once per class)."""
     return inspect.signature(cls.forward)
+
+
+NO_TEACACHE_POLYNOMIAL = (
+    "no TeaCache rescaling polynomial has been fitted on this family's released weights, and without one the "
+    "threshold would mean something else than for Flux.1 (the identity polynomial accumulates the raw input change "
+    "and skips far more at the same threshold); first_block is the polynomial-free variant of the same rule")
+"""Why a family without a fitted polynomial refuses TeaCache (``CacheSpec.unsupported``)."""
 
 
 def block_counts(config: dict[str, Any], keys: Sequence[str]) -> tuple[int, ...]:
