@@ -32,6 +32,7 @@ from services.families.base import (
     SeqSplit,
     SequenceParallelPlan,
 )
+from services.families.cache_spec import NO_TEACACHE_POLYNOMIAL, BlockCall, CacheSpec, block_counts
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
 from services.families.text_limits import check_tokens, tokenizer_budget
 
@@ -186,6 +187,40 @@ class Flux2KleinAdapter(FamilyAdapter):
             joint_layout=("text", "image"),
             num_heads=int(self.component_config("transformer")["num_attention_heads"]),
         )
+
+    def cache_spec(self, component: str = "transformer") -> CacheSpec | None:
+        """Double-stream blocks take (hidden, encoder_hidden, temb_mod_img, ...) and return (encoder_hidden, hidden);
+        single-stream blocks take the joint ``[text; image]`` sequence the transformer concatenates (their text
+        argument is None) and return it (``BlockCall(joint=True)``). Per token a block of either kind costs
+        ``(4 + 3 m) d^2`` multiply-adds (attention projections, SwiGLU MLP of ratio m; fused in the single-stream
+        blocks) plus the joint attention. The single-stream blocks' attention module is fused with their MLP, so
+        PAB broadcasts both there (as hooks on diffusers' attention modules would). TeaCache is refused: no fitted
+        rescaling polynomial (``NO_TEACACHE_POLYNOMIAL``)."""
+        cfg = self.component_config(component)
+        dim = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+        per_token = 2.0 * (4.0 + 3.0 * float(cfg.get("mlp_ratio", 3.0))) * dim * dim
+        counts = block_counts(cfg, ("num_layers", "num_single_layers"))
+        if counts[0] == 0:  # the joint sequence's text length comes from the double-stream blocks
+            return None
+
+        def block_cost(block_list: int, image_tokens: int, text_tokens: int) -> float:
+            s = image_tokens + text_tokens
+            return per_token * s + 4.0 * s * s * dim
+
+        def attention_cost(block_list: int, image_tokens: int, text_tokens: int) -> float:
+            s = image_tokens + text_tokens
+            return (8.0 * dim * dim * s + 4.0 * s * s * dim) if block_list == 0 else block_cost(1, image_tokens,
+                                                                                               text_tokens)
+
+        def tokens(state: DenoiseState) -> tuple[int, int]:
+            return int(state.latents.shape[1]), int(state.branch_inputs["cond"]["encoder_hidden_states"].shape[1])
+
+        return CacheSpec(block_lists=("transformer_blocks", "single_transformer_blocks"), num_blocks=counts,
+                         temb_arg="temb_mod_img",
+                         list_calls=(None, BlockCall(temb_arg="temb_mod", context_arg=None, output=("hidden",),
+                                                     joint=True)),
+                         block_cost=block_cost, attention_cost=attention_cost, tokens=tokens,
+                         unsupported={"teacache": NO_TEACACHE_POLYNOMIAL})
 
     def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         width = model.transformer.config.joint_attention_dim

@@ -37,11 +37,14 @@ from services.families.base import (
     SeqSplit,
     SequenceParallelPlan,
 )
+from services.families.cache_spec import NO_TEACACHE_POLYNOMIAL, CacheSpec
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
 from services.families.text_limits import check_tokens, tokenizer_budget
 
 PIPELINE_MAX_SEQUENCE_LENGTH = 512
 """ZImagePipeline.__call__'s default ``max_sequence_length``."""
+SEQ_MULTIPLE = 32
+"""ZImageTransformer2DModel pads the image and the caption sequences to multiples of this (``SEQ_MULTI_OF``)."""
 
 
 def _caption(conds: dict[str, torch.Tensor], width: int, where: str) -> torch.Tensor:
@@ -190,6 +193,41 @@ class ZImageAdapter(FamilyAdapter):
             joint_layout=("unified",),
             num_heads=int(self.component_config("transformer")["n_heads"]),
         )
+
+    def cache_spec(self, component: str = "transformer") -> CacheSpec:
+        """The main blocks (``layers``) take the unified sequence ``x`` (image tokens padded to a multiple of 32, then
+        the caption padded likewise; sharded under sequence parallelism), the attention mask, the rotary table and
+        ``adaln_input``, and return the sequence. The caches work on the main blocks only: the refiners (a few
+        blocks on the image and the caption apart, before the sequence is built and split) always run, and the
+        skipped fractions are of the main blocks' compute. Decision metrics read the image tokens, the first
+        ``(H/2)(W/2)`` of the sequence (``tokens``), which leaves out the pad and caption tokens and, on every rank,
+        the sequence-parallel padding. Per token a main block costs 4 d^2 (attention projections) + 3 d f (SwiGLU
+        FFN, f = 8d/3) multiply-adds plus the attention. TeaCache is refused: no fitted rescaling polynomial
+        (``NO_TEACACHE_POLYNOMIAL``)."""
+        cfg = self.component_config(component)
+        dim = int(cfg["dim"])
+        ffn = int(dim / 3 * 8)
+        patch = int(cfg.get("all_patch_size", (2,))[0])
+
+        def padded(n: int) -> int:
+            return n + (-n) % SEQ_MULTIPLE
+
+        def block_cost(block_list: int, image_tokens: int, text_tokens: int) -> float:
+            s = padded(image_tokens) + padded(text_tokens)
+            return 2.0 * (4 * dim * dim + 3 * dim * ffn) * s + 4.0 * s * s * dim
+
+        def attention_cost(block_list: int, image_tokens: int, text_tokens: int) -> float:
+            s = padded(image_tokens) + padded(text_tokens)
+            return 8.0 * dim * dim * s + 4.0 * s * s * dim
+
+        def tokens(state: DenoiseState) -> tuple[int, int]:
+            h, w = state.latents.shape[-2:]
+            return (h // patch) * (w // patch), int(state.branch_inputs["cond"]["cap_feats"][0].shape[0])
+
+        return CacheSpec(block_lists=("layers",), num_blocks=(int(cfg["n_layers"]),), hidden_arg="x", context_arg=None,
+                         temb_arg="adaln_input", block_output=("hidden",), attention="attention",
+                         block_cost=block_cost, attention_cost=attention_cost, tokens=tokens,
+                         unsupported={"teacache": NO_TEACACHE_POLYNOMIAL})
 
     def warmup_conditionings(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         width = model.transformer.config.cap_feat_dim

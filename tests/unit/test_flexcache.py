@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from denoiser_svc.cache import get_strategy, policy_from_proto, policy_to_proto, strategy_names, validate_for_model
-from denoiser_svc.cache.hooks import HookRegistry, ModelHook, Skip, hook_names, register_hook, remove_hook
+from denoiser_svc.cache.hooks import HookRegistry, ModelHook, Skip, register_hook, remove_hook
 from denoiser_svc.cache.meancache import fresh_steps
 from denoiser_svc.cache.registry import StrategyName, register
 from denoiser_svc.cache.taylorseer import _Series
@@ -24,7 +24,7 @@ from denoiser_svc.cache.teacache import TeaCacheConfig
 from services.errors import InvalidArgument
 from services.proto.chitu.v1 import cache_pb2
 from services.registry import load_adapter
-from tests.flexcache_cases import NEVER_HIT, REAL, deep_checkpoint, make_job, make_worker, run_job
+from tests.flexcache_cases import NEVER_HIT, REAL, assert_clean, deep_checkpoint, make_job, make_worker, run_job
 from tests.reference import rel_err
 
 FAMILIES = ("flux", "wan", "flux_cfg")
@@ -45,15 +45,6 @@ def workers(deep: dict[str, Path]):
 @pytest.fixture(scope="module")
 def full(deep: dict[str, Path], workers) -> dict[str, torch.Tensor]:
     return {f: run_job(workers[f], make_job(deep[f], None)).latents for f in FAMILIES}
-
-
-def _assert_clean(worker) -> None:
-    """No session, no hook, every module's own forward back (a compiled one where regional compilation put one)."""
-    assert worker.runner.cache.sessions == {}
-    for module in worker.runner.model.transformer.modules():
-        assert hook_names(module) == () and HookRegistry.of(module) is None
-        own = module.__dict__.get("forward")
-        assert "HookRegistry" not in getattr(own, "__qualname__", ""), type(module)
 
 
 # -- registry and policies ----------------------------------------------------------------------------------------
@@ -173,7 +164,7 @@ def test_never_hit_equals_full_compute(family: str, strategy: str, deep, workers
     out = run_job(workers[family], make_job(deep[family], strategy, NEVER_HIT[strategy]))
     assert out.metadata["cache.pattern"] == "C" * 10 and out.metadata["cache.skipped_fraction"] == "0.0000"
     assert torch.equal(out.latents, full[family]), f"rel err {rel_err(out.latents, full[family]):.2e}"
-    _assert_clean(workers[family])
+    assert_clean(workers[family])
 
 
 @pytest.mark.parametrize(("family", "strategy"), CASES)
@@ -192,7 +183,7 @@ def test_real_settings_skip_work_deterministically(family: str, strategy: str, d
     assert int(md["cache.memory_bytes"]) > 0 and md["cache.strategy"] == strategy
     err = rel_err(first.latents, full[family])
     assert 0 < err < 0.1, f"cached output should approximate full compute, rel err {err:.2e}"
-    _assert_clean(workers[family])
+    assert_clean(workers[family])
 
 
 def test_interleaved_requests_keep_their_own_state(deep, workers) -> None:
@@ -210,7 +201,7 @@ def test_interleaved_requests_keep_their_own_state(deep, workers) -> None:
             worker.execute_step(job.request_id, step)
     for job, ref in zip(jobs, alone, strict=True):
         assert torch.equal(worker.finish_request(job.request_id).latents, ref), job.request_id
-    _assert_clean(worker)
+    assert_clean(worker)
 
 
 def test_failed_request_leaves_no_state(deep) -> None:
@@ -229,7 +220,7 @@ def test_failed_request_leaves_no_state(deep) -> None:
     with pytest.raises(RuntimeError, match="injected fault"):
         run_job(worker, make_job(deep["wan"], "dbcache", REAL["dbcache"], request_id="bad"))
     handle.remove()
-    _assert_clean(worker)
+    assert_clean(worker)
     after = run_job(worker, make_job(deep["wan"], "dbcache", REAL["dbcache"]))
     fresh = run_job(make_worker(deep["wan"]), make_job(deep["wan"], "dbcache", REAL["dbcache"]))
     assert torch.equal(after.latents, fresh.latents) and after.metadata == fresh.metadata
@@ -251,7 +242,7 @@ def test_hooks_stay_correct_under_regional_compile(deep) -> None:
     for strategy in ("pab", "dbcache", "meancache", "teacache"):
         job = make_job(deep["flux"], strategy, REAL[strategy])
         assert torch.equal(run_job(compiled, job).latents, run_job(eager, job).latents), strategy
-        _assert_clean(compiled)
+        assert_clean(compiled)
     assert counters["stats"]["unique_graphs"] >= 2
 
 
