@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from denoiser_svc.config import DenoiserServiceConfig
@@ -29,6 +30,11 @@ def _leader_died(reason: str) -> None:
 def run_worker(config: DenoiserServiceConfig, rdv: Rendezvous) -> int:
     from denoiser_svc.worker import Worker
 
+    # The group's lifecycle belongs to rank 0: a SIGTERM/SIGINT sent to the whole process group (Ctrl-C, `chitu up`
+    # stopping, torchrun) must let rank 0 drain its in-flight requests, which needs every rank until the end. Ranks
+    # exit on rank 0's Shutdown message, or on their own when rank 0 disappears (heartbeat).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(f"denoiser-rank{rdv.rank}", config.server.log_level, "")
     worker = Worker(config, rdv)
     try:

@@ -42,8 +42,10 @@ class DenoiserProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.ready = workdir / "ready"
         self.log_path = workdir / "denoiser.log"
-        config = {"server": {"port": 0, "ready_file": str(self.ready), "grace_seconds": 5},
-                  "model": {"checkpoint": str(checkpoint), "device": "cpu", "dtype": "float32"}, **overrides}
+        overrides = dict(overrides)
+        server = {"port": 0, "ready_file": str(self.ready), "grace_seconds": 5, **overrides.pop("server", {})}
+        config = {"server": server, "model": {"checkpoint": str(checkpoint), "device": "cpu", "dtype": "float32"},
+                  **overrides}
         path = workdir / "denoiser.yaml"
         path.write_text(yaml.safe_dump(config))
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
