@@ -54,7 +54,7 @@ REAL_BY_FAMILY: dict[str, dict[str, dict[str, Any]]] = {
     "flux2_klein": {"first_block": {"threshold": 0.8},
                     "dbcache": {"threshold": 0.8, "front_blocks": 2, "back_blocks": 1, "max_consecutive_hits": 2}},
     "z_image": {"first_block": {"threshold": 0.75, "max_consecutive_hits": 2},
-                "dbcache": {"threshold": 0.75, "front_blocks": 2, "back_blocks": 1, "max_consecutive_hits": 2},
+                "dbcache": {"threshold": 0.73, "front_blocks": 2, "back_blocks": 1, "max_consecutive_hits": 2},
                 "magcache": {"threshold": 0.1, "retention_fraction": 0.25}, "meancache": {"fresh_fraction": 0.7},
                 "taylorseer": {"interval": 2, "order": 1, "front_blocks": 1, "back_blocks": 1}},
 }

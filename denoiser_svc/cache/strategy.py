@@ -140,10 +140,13 @@ class Strategy(ABC):
         raise NotImplementedError(f"{self.name.value} decides from its schedule only")
 
     def real_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of the image tokens (``[B, S, ...]``) without sequence-parallel padding."""
-        index, count = self.reducer.shard
+        """This rank's image tokens of ``hidden`` (``[B, S, ...]``, this rank's contiguous shard of the sequence):
+        the first ``image_tokens`` of the whole sequence, without what follows them (sequence-parallel padding,
+        and in a unified sequence such as Z-Image's, the family's own pad tokens and the caption), in one process
+        too."""
+        index, _ = self.reducer.shard
         full = self.run.image_tokens
-        if count == 1 or not full:
+        if not full:
             return hidden
         local = hidden.shape[1]
         return hidden[:, : max(0, min(local, full - index * local))]

@@ -2,7 +2,10 @@
 Ulysses x CFG launches its own rank processes (the multi-process executor: rank 0 speaks gRPC and broadcasts each
 request, every rank runs its own cache session), and every cached request returns what the cached request returns
 in one process, with the same hit pattern on every rank. Flux (one branch) covers Ulysses and Ring, true-CFG Flux
-(TeaCache deciding for both branches across the CFG group) covers CFG parallel, Wan covers Ulysses x CFG.
+(TeaCache deciding for both branches across the CFG group) covers CFG parallel, Wan covers Ulysses x CFG. FLUX.2-klein
+(Ulysses, Ring) has its joint single-stream sequence split at each rank's text shard; Z-Image (Ulysses, Ring; both
+CFG branches on each rank: the probe pass) shards its unified image+caption sequence, whose image tokens, the only
+ones the metrics read, end inside the second rank's shard, before its pad and caption tokens.
 
 Why they must agree: every value-dependent decision (TeaCache, First-Block, DBCache, MagCache) is taken on partial
 sums reduced over the sequence-parallel and CFG groups (float64, padding left out), so all ranks, and both CFG
@@ -11,9 +14,11 @@ that decided differently would diverge, or hang in a collective that its peers s
 all-to-alls and gathers).
 
 Tolerance: float32, <= 1e-5 relative on the final latents, as for the uncached group (sharding only reorders
-floating-point sums inside attention; see test_group_exactness.py). The settings of ``REAL`` keep every decision
-far from its threshold compared with that rounding, so the hit patterns must be identical. Job sizes give 15 image
-tokens (and 15 text tokens for Flux), so sequence shards are padded on every sequence-parallel layout.
+floating-point sums inside attention; see test_group_exactness.py). The settings of ``REAL`` (``real``) keep every
+decision far from its threshold compared with that rounding, so the hit patterns must be identical. Job sizes give
+15 image tokens (and 15 text tokens for Flux and FLUX.2), so sequence shards are padded on every sequence-parallel
+layout; Z-Image's unified sequence is a multiple of 32 (it pads each part itself), never padded at degree 2, so its
+job is larger: 60 image tokens (4 pad tokens), 15 caption tokens (17 pad tokens), 48 tokens per rank.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from denoiser_svc.cache import policy_to_proto
 from denoiser_svc.types import DenoiseJob
 from services import codec
 from services.proto.chitu.v1 import denoiser_pb2, denoiser_pb2_grpc
-from tests.flexcache_cases import REAL, deep_checkpoint, make_job, make_worker, run_job
+from tests.flexcache_cases import REAL, deep_checkpoint, make_job, make_worker, real, run_job
 from tests.reference import rel_err
 
 pytestmark = pytest.mark.distributed
@@ -48,16 +53,24 @@ LAYOUTS = {
     "flux-ring2": ("flux", {"ring_degree": 2}),
     "flux_cfg-cfg2": ("flux_cfg", {"cfg_degree": 2}),
     "wan-cfg2-ulysses2": ("wan", {"cfg_degree": 2, "ulysses_degree": 2}),
+    "flux2_klein-ulysses2": ("flux2_klein", {"ulysses_degree": 2}),
+    "flux2_klein-ring2": ("flux2_klein", {"ring_degree": 2}),
+    "z_image-ulysses2": ("z_image", {"ulysses_degree": 2}),
+    "z_image-ring2": ("z_image", {"ring_degree": 2}),
 }
 JOB_SHAPE = {"size": (48, 80), "frames": 1, "text_tokens": 15}
+JOB_SHAPES = {"z_image": {**JOB_SHAPE, "size": (96, 160)}}
+NO_TEACACHE = {"wan", "flux2_klein", "z_image"}
+"""Families that refuse TeaCache (no fitted rescaling polynomial)."""
 
 
 def strategies(family: str) -> list[str]:
-    return [s for s in REAL if not (family == "wan" and s == "teacache")]
+    return [s for s in REAL if not (family in NO_TEACACHE and s == "teacache")]
 
 
 def jobs(family: str, checkpoint: Path) -> list[DenoiseJob]:
-    return [make_job(checkpoint, s, REAL[s], request_id=f"{family}-{s}", **JOB_SHAPE) for s in strategies(family)]
+    shape = JOB_SHAPES.get(family, JOB_SHAPE)
+    return [make_job(checkpoint, s, real(family, s), request_id=f"{family}-{s}", **shape) for s in strategies(family)]
 
 
 def to_request(job: DenoiseJob, model: str) -> denoiser_pb2.DenoiseRequest:
