@@ -372,6 +372,10 @@ def train_transformer(run: Run, comps: dict[str, Any], pool: dict[str, torch.Ten
             value = float(loss.detach())
             log(f"transformer step {step + 1}/{cfg.steps} loss {value:.4f} (first steps of this invocation)")
             if not math.isfinite(value):
+                parts = {"x0": x0, "noise": noise, "pooled": pooled, "embeds": embeds, "pred": pred}
+                log("non-finite loss; finite parts: " + ", ".join(
+                    f"{k} {bool(torch.isfinite(v).all())} (absmax {float(v.float().abs().nan_to_num().max()):.3g})"
+                    for k, v in parts.items()))
                 raise NonFiniteLoss(step + 1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             if not math.isfinite(float(acc)):
