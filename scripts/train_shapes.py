@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from services.shapes import model as M  # noqa: E402
 from services.shapes.evaluate import adherence, classify, load_classifier  # noqa: E402
@@ -319,6 +320,10 @@ class NonFiniteLoss(RuntimeError):
         self.step = step
 
 
+TRAIN_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""Attention kernels allowed in training forwards/backwards (not cuDNN: see ``train_transformer``)."""
+
+
 def train_transformer(run: Run, comps: dict[str, Any], pool: dict[str, torch.Tensor], device: torch.device,
                       deadline: float, stop_after: int) -> None:
     from diffusers import FluxPipeline
@@ -356,7 +361,10 @@ def train_transformer(run: Run, comps: dict[str, Any], pool: dict[str, torch.Ten
         noise = torch.randn(x0.shape, generator=gen, device=device)
         sigma = torch.sigmoid(torch.randn(cfg.batch, generator=gen, device=device))
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        with autocast(device):
+        # SDPA limited to the flash/efficient/math kernels while training: PyTorch 2.11 (CUDA 13) picks cuDNN
+        # attention on an H100/H200, whose backward gave gradient norms ~1e5 times those of the same step on the CPU
+        # (6e5 vs 2.5) at Flux's 96-token joint sequence and NaN weights one step later (2026-11-27, H200).
+        with autocast(device), sdpa_kernel(TRAIN_SDPA_BACKENDS):
             embeds, pooled = M.encode_text(mods["text_encoder"], mods["text_encoder_2"], clip_ids, t5_ids)
             pred = mods["transformer"](hidden_states=xt, timestep=sigma, pooled_projections=pooled,
                                        encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
@@ -364,6 +372,10 @@ def train_transformer(run: Run, comps: dict[str, Any], pool: dict[str, torch.Ten
         loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if step - start < 3:  # which module's gradients are (non-)finite, before clipping mixes them
+            log("grad norms: " + ", ".join(
+                f"{k} {float(torch.nn.utils.get_total_norm([p.grad for p in m.parameters() if p.grad is not None])):.3g}"
+                for k, m in mods.items()))
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         acc += loss.detach()
@@ -374,7 +386,7 @@ def train_transformer(run: Run, comps: dict[str, Any], pool: dict[str, torch.Ten
             if not math.isfinite(value):
                 parts = {"x0": x0, "noise": noise, "pooled": pooled, "embeds": embeds, "pred": pred}
                 log("non-finite loss; finite parts: " + ", ".join(
-                    f"{k} {bool(torch.isfinite(v).all())} (absmax {float(v.float().abs().nan_to_num().max()):.3g})"
+                    f"{k} {bool(torch.isfinite(v).all())} (absmax {float(v.detach().float().abs().nan_to_num().max()):.3g})"
                     for k, v in parts.items()))
                 raise NonFiniteLoss(step + 1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
