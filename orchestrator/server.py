@@ -37,7 +37,7 @@ from services.proto.chitu.v1 import (
     vae_pb2,
 )
 from services.server import REQUEST_ID_KEY, ServiceHost, new_request_id
-from services.stage import MAX_PROMPT_CHARS, limits_from_proto
+from services.stage import MAX_PROMPT_CHARS, UNAVAILABLE_FORMAT_PREFIX, limits_from_proto
 
 log = get_logger(__name__)
 
@@ -94,6 +94,20 @@ class Route:
         if name not in allowed:
             raise InvalidArgument(f"cache.{name}: model {self.config.model!r} ({info.family}) cannot use {name}; "
                                   f"allowed for this model: {allowed}")
+
+    def check_formats(self, formats: list[int], limits: Limits) -> None:
+        """Output formats the VAE stage cannot produce (MP4 where PyAV is missing) fail before any stage works on
+        the request, with the fix; a model's unsupported formats are left to the VAE's own check."""
+        info = self.vae.info()
+        if info is None:
+            return
+        wanted = formats or ([vae_pb2.MEDIA_FORMAT_MP4] if limits.supports_video else [vae_pb2.MEDIA_FORMAT_PNG])
+        for f in wanted:
+            why = info.metadata.get(f"{UNAVAILABLE_FORMAT_PREFIX}{vae_pb2.MediaFormat.Name(f)}")
+            if why:
+                raise FailedPrecondition(f"output_formats: {vae_pb2.MediaFormat.Name(f)}"
+                                         f"{'' if formats else ' (the default for video)'}: {why} (vae stage of "
+                                         f"{self.config.model!r}); ask for MEDIA_FORMAT_PNG or MEDIA_FORMAT_RAW_RGB8")
 
     def family(self) -> str:
         for pool in (self.denoiser, self.encoder, self.vae):
@@ -266,7 +280,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                                    **kwargs)
 
         route = self.route(request.model)
-        settings = resolve_settings(request, route.limits())
+        limits = route.limits()
+        settings = resolve_settings(request, limits)
+        route.check_formats(list(request.output_formats), limits)
         if request.HasField("cache"):
             route.check_cache_policy(request.cache)
         remaining = context.time_remaining()

@@ -23,6 +23,10 @@ MAX_PROMPT_CHARS = 8192
 _GUIDANCE = {"distilled": common_pb2.GUIDANCE_KIND_DISTILLED, "cfg": common_pb2.GUIDANCE_KIND_CFG,
              "none": common_pb2.GUIDANCE_KIND_NONE}
 
+UNAVAILABLE_FORMAT_PREFIX = "unavailable_format."
+"""VAE info metadata key prefix: ``unavailable_format.MEDIA_FORMAT_MP4`` -> why that format cannot be produced by that
+process, and the fix (the orchestrator refuses such requests before any stage works on them)."""
+
 
 def limits_to_proto(lim: Limits) -> common_pb2.ModelLimits:
     return common_pb2.ModelLimits(

@@ -10,17 +10,17 @@ import grpc
 import torch
 
 from services import codec
-from services.errors import InvalidArgument, ResourceExhausted
+from services.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.families.base import SamplingParams, resolve_device, resolve_dtype
 from services.log import bind_request, get_logger, setup_logging
 from services.media import encode_png
 from services.proto.chitu.v1 import vae_pb2, vae_pb2_grpc
 from services.registry import load_adapter
 from services.server import ServiceHost
-from services.stage import WorkThread, check_model, stage_info
+from services.stage import UNAVAILABLE_FORMAT_PREFIX, WorkThread, check_model, stage_info
 from vae_svc.config import VaeServiceConfig
 from vae_svc.tiling import can_tile, limit_process_memory, spatial_factor, tile_sizes, tiling
-from vae_svc.video import encode_mp4
+from vae_svc.video import MISSING_PYAV, encode_mp4, mp4_available
 
 log = get_logger(__name__)
 
@@ -38,6 +38,11 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.max_bytes = config.server.max_tensor_bytes
         self.tile_for_size: dict[tuple[int, int, int], int | None] = {}
         """Output size (width, height, frames) -> the tile size that fitted the budget (None: untiled)."""
+        self.unavailable: dict[int, str] = {}
+        """Formats of this family that this process cannot produce, with the fix (MP4 without PyAV)."""
+        if self.adapter.limits().supports_video and not mp4_available():
+            self.unavailable[vae_pb2.MEDIA_FORMAT_MP4] = MISSING_PYAV
+            log.warning("mp4_unavailable", reason=MISSING_PYAV)
 
     @property
     def vae(self) -> torch.nn.Module:
@@ -129,6 +134,11 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                 raise InvalidArgument(f"formats: {vae_pb2.MediaFormat.Name(f)} is not supported for "
                                       f"{self.adapter.family}; use one of "
                                       f"{[vae_pb2.MediaFormat.Name(a) for a in allowed]}")
+            if f in self.unavailable:
+                usable = [vae_pb2.MediaFormat.Name(a) for a in allowed if a not in self.unavailable]
+                raise FailedPrecondition(f"formats: {vae_pb2.MediaFormat.Name(f)}"
+                                         f"{' (the default for video)' if not header.formats else ''}: "
+                                         f"{self.unavailable[f]}; or ask for one of {usable}")
         fps = 0.0
         if lim.supports_video:
             fps = header.fps or lim.default_fps or 16.0
@@ -179,6 +189,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     async def GetVaeInfo(self, request: vae_pb2.GetVaeInfoRequest,
                          context: grpc.aio.ServicerContext) -> vae_pb2.GetVaeInfoResponse:
         metadata = {"tiling": self.config.tiling.mode, "memory_budget_mb": str(self.config.memory_budget_mb)}
+        metadata.update({f"{UNAVAILABLE_FORMAT_PREFIX}{vae_pb2.MediaFormat.Name(f)}": why
+                         for f, why in self.unavailable.items()})
         return vae_pb2.GetVaeInfoResponse(info=stage_info(self.config.model, self.adapter, "vae", self.dtype,
                                                           self.device, metadata=metadata))
 

@@ -9,6 +9,16 @@ import numpy as np
 import torch
 
 CODEC = "libx264"
+MISSING_PYAV = "MP4 output needs PyAV, which is not installed where the VAE service runs (pip install av)"
+
+
+def mp4_available() -> bool:
+    """Whether PyAV (FFmpeg with libx264) imports: MP4 output depends on it (checked once, at service start)."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def encode_mp4(frames: torch.Tensor | np.ndarray, fps: float, crf: int = 18, pixel_format: str = "yuv420p") -> bytes:

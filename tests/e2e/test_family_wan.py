@@ -32,6 +32,7 @@ from services.proto.chitu.v1 import (
     generation_pb2,
     generation_pb2_grpc,
     vae_pb2,
+    vae_pb2_grpc,
 )
 from tests.reference import rel_err, wan_reference
 from vae_svc.video import decode_mp4
@@ -305,3 +306,59 @@ def test_two_expert_model_without_second_group_is_failed_precondition(wan_stack)
         s.kill(orch, signal.SIGTERM)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "[0, 2) of 4" in info.value.details() and "denoiser_2" in info.value.details()
+
+
+def test_mp4_without_pyav_fails_before_any_stage_works(wan_stack, tmp_path: Path) -> None:
+    """A VAE service where PyAV does not import (here: an ``av`` package that raises ImportError shadows the real
+    one) reports MP4 as unavailable; the orchestrator refuses a request whose (default) format is MP4 with
+    FAILED_PRECONDITION naming the stage and the fix, before queueing it (no event at all), and PNG frames still
+    work through the same services."""
+    import os
+    import signal
+
+    import yaml
+
+    s = wan_stack
+    shadow = tmp_path / "shadow" / "av"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('PyAV hidden by the test')\n")
+    cfg = yaml.safe_load(s.service("vae").config_path.read_text())
+    vae = s._write("vae", "no-pyav", {**cfg, "server": {**cfg["server"], "port": 0}})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow.parent), os.environ.get("PYTHONPATH", "")])}
+    log_file = open(vae.log_path, "ab")  # noqa: SIM115 - closed below
+    vae.process = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve", "vae", "--config",
+                                    str(vae.config_path)], stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]), env=env)
+    route = {"model": "tiny-wan", "encoder": [s.service("encoder").address], "vae": [],
+             "denoiser": [s.service("denoiser", "tiny-wan").address]}
+    orch = None
+    try:
+        s._wait_ready([vae])
+        route["vae"] = [vae.address]
+        orch = s._write("orchestrator", "no-pyav", {"server": {"host": "127.0.0.1", "port": 0}, "routes": [route]})
+        s._launch(orch)
+        s._wait_ready([orch])
+        with grpc.insecure_channel(vae.address) as ch:
+            info = vae_pb2_grpc.VaeServiceStub(ch).GetVaeInfo(vae_pb2.GetVaeInfoRequest(), timeout=30).info
+        assert "pip install av" in info.metadata["unavailable_format.MEDIA_FORMAT_MP4"]
+        stub_args = dict(model="tiny-wan", prompt=PROMPT, width=W, height=H, frames=5, steps=2, seed=0)
+        events = []
+        with grpc.insecure_channel(orch.address) as ch, pytest.raises(grpc.RpcError) as err:
+            for ev in generation_pb2_grpc.GenerationServiceStub(ch).Generate(
+                    generation_pb2.GenerateRequest(**stub_args), timeout=60):
+                events.append(ev)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        details = err.value.details()
+        assert "MEDIA_FORMAT_MP4" in details and "pip install av" in details and "vae stage" in details, details
+        assert events == []  # refused before queueing: no stage worked on it
+        with grpc.insecure_channel(orch.address) as ch:
+            result = [ev for ev in generation_pb2_grpc.GenerationServiceStub(ch).Generate(
+                generation_pb2.GenerateRequest(**stub_args, output_formats=[vae_pb2.MEDIA_FORMAT_PNG]), timeout=120)
+                if ev.WhichOneof("event") == "result"][0].result
+        assert [a.frame_index for a in result.artifacts] == list(range(5))
+        assert all(a.format == vae_pb2.MEDIA_FORMAT_PNG for a in result.artifacts)
+    finally:
+        for svc in (orch, vae):
+            if svc is not None and svc.process is not None and svc.process.poll() is None:
+                s.kill(svc, signal.SIGTERM)
+        log_file.close()
