@@ -7,6 +7,8 @@
                                                            #   docs/shapes-results.json/.md, docs/shapes-contact-sheet.png
     python scripts/shapes_release.py compare RUN_DIR_2    # reproducibility: a second run with the same seed, exported to a
                                                            #   temporary folder and evaluated the same way (20 steps)
+    python scripts/shapes_release.py compare-eval RUN_DIR_2   # the same from both runs' own GPU evaluation, when only
+                                                           #   the second run's progress.json came back
 
 RUN_DIR is the folder ``scripts/train_shapes.py --run-dir`` wrote (as it came back from the GPU machine).
 """
@@ -157,6 +159,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Reproduction (second training run, same seed and script, {rep['steps']} steps): "
                   + ", ".join(f"{k} {v:.1%}" for k, v in rep["adherence"].items())
                   + f"; largest difference {rep['max_difference_points']:.1f} points."]
+    rep = results.get("reproduction_gpu_eval")
+    if rep:
+        lines += ["", f"Reproduction (a second training run, same seed and script, from the same VAE stage; both "
+                  f"judged by the training script's own evaluation: FluxPipeline on {', '.join(rep['device'])}, the "
+                  f"same held-out captions and seeds, {rep['steps']} steps, guidance {rep['guidance']}): "
+                  + ", ".join(f"{k} {rep['first'][k]:.1%} -> {rep['second'][k]:.1%}" for k in rep["first"])
+                  + f"; largest difference {rep['max_difference_points']:.1f} points (target <= 2)."]
     return "\n".join(lines) + "\n"
 
 
@@ -214,6 +223,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_eval(args: argparse.Namespace) -> int:
+    """Reproducibility from the training script's own GPU evaluation of both runs (FluxPipeline on the training
+    card, the same held-out captions and seeds, at the released guidance scale): for a second run whose weight files
+    did not come back from the GPU machine, only its progress.json."""
+    out_json = args.docs / RESULTS_JSON
+    if not out_json.is_file():
+        raise SystemExit(f"{out_json} is missing: run `evaluate` on the released checkpoint first")
+    results = json.loads(out_json.read_text())
+    first = json.loads((args.docs / TRAINING_JSON).read_text())["gpu_eval"]
+    second = json.loads((args.run_dir / M.PROGRESS).read_text())
+    if not second.get("finished") or not second.get("eval"):
+        raise SystemExit(f"{args.run_dir} is not a finished, evaluated run")
+    guidance = str(results["guidance_scale"])
+    base = first["by_guidance"][guidance]["heldout"]
+    acc = second["eval"]["by_guidance"][guidance]["heldout"]
+    diff = max(abs(acc[k] - base[k]) * 100 for k in base)
+    results["reproduction_gpu_eval"] = {
+        "run": str(args.run_dir), "steps": first["steps"], "guidance": float(guidance), "first": base, "second": acc,
+        "max_difference_points": diff, "device": [i["device"] for i in second.get("invocations", [])]}
+    out_json.write_text(json.dumps(results, indent=1) + "\n")
+    (args.docs / RESULTS_MD).write_text(markdown(results))
+    print("reproduction (GPU eval): " + " ".join(f"{k} {base[k]:.1%}->{acc[k]:.1%}" for k in base)
+          + f"; largest difference {diff:.1f} points (target <= 2)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="export and evaluate the trained chitu-shapes-flux model")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -234,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--steps", type=int, default=20)
     c.add_argument("--docs", type=Path, default=DOCS)
     c.set_defaults(fn=cmd_compare)
+    g = sub.add_parser("compare-eval", help="reproducibility from both runs' own GPU evaluation (progress.json only)")
+    g.add_argument("run_dir", type=Path)
+    g.add_argument("--docs", type=Path, default=DOCS)
+    g.set_defaults(fn=cmd_compare_eval)
     args = parser.parse_args(argv)
     return args.fn(args)
 
