@@ -126,7 +126,7 @@ def run_family(fam: Family, args: argparse.Namespace, workdir: Path) -> Row:
         with ChituClient(stack.address) as client:
             opts = GenerateOptions(width=width, height=height, frames=frames if frames > 1 else None,
                                    steps=args.steps, seed=0, guidance_scale=fam.guidance, negative_prompt=fam.negative,
-                                   formats=["mp4"] if frames > 1 else ["png"])
+                                   formats=[args.video_format] if frames > 1 else ["png"])
             result = client.generate_result("a red circle on the left, on a blue background", fam.name, opts,
                                             timeout=1800)
             steps = list(result.timings.step_seconds)
@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--compile", choices=["on", "off"], default="off", help="regional compile in the denoiser")
     p.add_argument("--vae-float32", action="store_true", help="VAE stage in float32 (bf16 otherwise)")
+    p.add_argument("--video-format", choices=["mp4", "raw"], default="mp4",
+                   help="what a video family's VAE stage returns (raw: RGB frames, no PyAV needed)")
     p.add_argument("--workdir", default="/tmp/chitu-smoke")
     p.add_argument("--results", default=None, help="append the table to this markdown file")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
