@@ -346,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="demo,flux-dev", help="comma list of demo, flux-dev, tiny")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 8 with --tiny)")
     p.add_argument("--samples", type=int, default=4, help="prompts per checkpoint model (demo)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (the fastest is kept)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per setting, the fastest kept (default 3 on a GPU, where a small model's step is "
+                        "host-bound and noisy; 1 on the CPU)")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (both sides)")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench-cache"), help="folder for tables, plots, JSON")
     p.add_argument("--threads", type=int, default=1, help="CPU threads on --device cpu (1: steadier timings)")
@@ -356,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.models, args.samples = "tiny", min(args.samples, 2)
     args.steps = args.steps or (8 if args.tiny else 50)
+    args.repeats = args.repeats or (3 if args.device.startswith("cuda") else 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from services.assets import EMBEDDED_CHECKPOINT, build_tiny

@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         row = run_family(FAMILIES[name], args, workdir)
         rows.append(row)
         print(json.dumps(asdict(row)), flush=True)
+        if args.out:  # after every family: a run cut by its time limit keeps what it measured
+            Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=2))
     lines = table(rows)
     print("\n".join(lines))
     if args.out:
