@@ -135,7 +135,7 @@ def run_batch(config_path: str, overrides: list[str] | None = None) -> Path:
     stack = LocalStack(cfg.stack, workdir=run_dir)
     stack.start()
     try:
-        with ChituClient(stack.address) as client:
+        with ChituClient(stack.address, security=stack.client_security()) as client:
             default_model = stack.models[0]
             jobs = []
             for i, r in enumerate(cfg.requests):

@@ -77,7 +77,7 @@ def _generate(args: argparse.Namespace) -> int:
                            formats=args.format or [], guidance_scale_2=args.guidance_2, fps=args.fps,
                            cache=args.cache)
     bar = None
-    with ChituClient(args.server) as client:
+    with ChituClient(args.server, security=_security(args)) as client:
         model = args.model
         if not model:
             models = client.list_models().models
@@ -124,12 +124,33 @@ def _stage_name(stage: int) -> str:
     return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()
 
 
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (TLS, mutual TLS, bearer token)")
+    g.add_argument("--ca-file", default="", help="CA of the server's certificate: connect with TLS")
+    g.add_argument("--cert-file", default="", help="client certificate (servers that require mutual TLS)")
+    g.add_argument("--key-file", default="", help="private key of --cert-file")
+    g.add_argument("--server-name", default="", help="name to check in the server's certificate")
+    g.add_argument("--token-file", default="", help="file holding the bearer token (needs --ca-file)")
+
+
+def _security(args: argparse.Namespace):  # noqa: ANN202 - ClientSecurityConfig, imported lazily
+    from services.config import ClientSecurityConfig, ConfigError
+
+    sec = ClientSecurityConfig(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+                               server_name=args.server_name, token_file=args.token_file)
+    try:
+        sec.validate("chitu")
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return sec
+
+
 def _models(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from clients.client import ChituClient
 
-    with ChituClient(args.server) as client:
+    with ChituClient(args.server, security=_security(args)) as client:
         print(json.dumps(MessageToDict(client.list_models()), indent=2))
     return 0
 
@@ -204,10 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", action="append", choices=["png", "mp4", "raw"], help="output format (repeatable)")
     s.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     s.add_argument("--output", default="outputs", help="directory for the result files")
+    _add_security_args(s)
     s.set_defaults(fn=_generate)
 
     s = sub.add_parser("models", help="list the served models (JSON)")
     s.add_argument("--server", default="127.0.0.1:50051")
+    _add_security_args(s)
     s.set_defaults(fn=_models)
 
     s = sub.add_parser("run", help="one-shot batch: bring the stack up, run the requests of CONFIG, shut down")

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from clients.cache import cache_policy
+from services.config import ClientSecurityConfig
 from services.proto.chitu.v1 import generation_pb2, generation_pb2_grpc, vae_pb2
+from services.security import open_channel
 from services.server import REQUEST_ID_KEY, channel_options
 
 FORMATS = {"png": vae_pb2.MEDIA_FORMAT_PNG, "mp4": vae_pb2.MEDIA_FORMAT_MP4, "raw": vae_pb2.MEDIA_FORMAT_RAW_RGB8}
@@ -38,9 +38,14 @@ class GenerateOptions:
 class ChituClient:
     """``with ChituClient("127.0.0.1:50051") as c: for ev in c.generate("a red circle", model="m"): ...``"""
 
-    def __init__(self, address: str = "127.0.0.1:50051", max_message_mb: int = 256):
+    def __init__(self, address: str = "127.0.0.1:50051", max_message_mb: int = 256,
+                 security: ClientSecurityConfig | None = None):
+        """``security``: TLS against its ``ca_file``, a client certificate for mutual TLS, a bearer token (None or
+        no ``ca_file``: plaintext)."""
+        if security is not None:
+            security.validate()
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+        self.channel = open_channel(address, security, channel_options(max_message_mb))
         self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
 
     def __enter__(self) -> ChituClient:

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from services.assets import CACHE_DIR
-from services.config import ConfigError
+from services.config import ClientSecurityConfig, ConfigError
 from services.fingerprint import FileHashCache, stage_fingerprint
 from services.log import get_logger
 from services.registry import load_adapter
@@ -33,6 +33,43 @@ from services.registry import load_adapter
 log = get_logger(__name__)
 
 STAGES = ("encoder", "denoiser", "vae")
+
+
+@dataclasses.dataclass
+class StackSecurityConfig:
+    """One certificate for every service of a local stack (PEM files; its SANs must name the hosts served, e.g.
+    127.0.0.1): every port speaks mutual TLS against ``ca_file``, every service requires the token of
+    ``token_file`` (but on health and reflection), and the orchestrator presents the same certificate and token to
+    its stages. Clients need ``ca_file``, a certificate signed by it and the token. Empty ``cert_file``: plaintext."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    token_file: str = ""
+
+    def validate(self) -> None:
+        if any((self.ca_file, self.key_file, self.token_file)) and not (self.cert_file and self.key_file and
+                                                                        self.ca_file):
+            raise ConfigError("stack security: ca_file, cert_file and key_file are set together (token_file is "
+                              "optional with them)")
+        for name in ("ca_file", "cert_file", "key_file", "token_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"stack security: {name}={path!r} is not a readable file")
+
+    def server(self) -> dict[str, Any]:
+        """The ``server`` config block of every service."""
+        if not self.cert_file:
+            return {}
+        return {"tls": {"cert_file": self.cert_file, "key_file": self.key_file, "client_ca_file": self.ca_file},
+                "auth": {"token_file": self.token_file}}
+
+    def client(self) -> dict[str, Any]:
+        """How the orchestrator (or any client of the stack) connects."""
+        if not self.cert_file:
+            return {}
+        return {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file,
+                "token_file": self.token_file}
 
 
 @dataclasses.dataclass
@@ -57,8 +94,11 @@ class StackConfig:
     """One encoder (resp. VAE) service for all checkpoints whose encoder (resp. VAE) components are identical."""
     hash_cache: str = str(CACHE_DIR / "file-hashes.json")
     """Where content hashes of checkpoint files are cached between runs (empty: hash every time)."""
+    security: StackSecurityConfig = dataclasses.field(default_factory=StackSecurityConfig)
+    """TLS, mutual TLS and a bearer token on every channel of the stack (default: plaintext on loopback)."""
 
     def validate(self) -> None:
+        self.security.validate()
         for name, path in self.checkpoints.items():
             if not (Path(path) / "model_index.json").is_file():
                 raise ConfigError(f"checkpoint {name}={path} is not a diffusers folder (no model_index.json)")
@@ -203,7 +243,7 @@ class LocalStack:
             for planned in plan:
                 model = {"name": planned.served_name, "checkpoint": planned.checkpoint, "device": self.config.device,
                          "dtype": self.config.dtype, "aliases": planned.aliases}
-                data: dict[str, Any] = {"model": model}
+                data: dict[str, Any] = {"model": model, "server": self.config.security.server()}
                 if planned.kind == "denoiser":
                     data["component"] = planned.component
                 svc = self._write(planned.kind, planned.name, data)
@@ -215,7 +255,9 @@ class LocalStack:
             routes = [{"model": name, **{key: [address[("denoiser" if key == "denoiser_2" else key, n)] for n in names]
                                          for key, names in route.items()}}
                       for name, route in model_routes.items()]
-            orch = self._write("orchestrator", "main", {"server": {"host": host, "port": int(port)}, "routes": routes})
+            sec = self.config.security
+            orch = self._write("orchestrator", "main", {"server": {"host": host, "port": int(port), **sec.server()},
+                                                        "routes": routes, "stage_client": sec.client()})
             self._launch(orch)
             self._wait_ready([orch])
             self.address = orch.address
@@ -263,6 +305,11 @@ class LocalStack:
         self.services.remove(svc)
         self._launch(svc)
         self._wait_ready([svc])
+
+    def client_security(self) -> ClientSecurityConfig | None:
+        """How a client connects to this stack's orchestrator (None: plaintext)."""
+        client = self.config.security.client()
+        return ClientSecurityConfig(**client) if client else None
 
     def service(self, kind: str, name: str | None = None) -> Service:
         for svc in self.services:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.config import ConfigError, ServerConfig
+from services.config import ClientSecurityConfig, ConfigError, ServerConfig
 
 
 @dataclasses.dataclass
@@ -58,6 +58,9 @@ class OrchestratorConfig:
     """Requests waiting per model beyond ``max_inflight``; more are refused with RESOURCE_EXHAUSTED."""
     default_deadline_seconds: float = 3600.0
     """Deadline applied to stage calls when the client sets none."""
+    stage_client: ClientSecurityConfig = dataclasses.field(default_factory=ClientSecurityConfig)
+    """How the orchestrator connects to its stages: TLS (``ca_file``), a client certificate for stages that require
+    mutual TLS, and the bearer token the stages accept."""
 
     def validate(self) -> None:
         if not self.routes:

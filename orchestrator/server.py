@@ -202,7 +202,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, config: OrchestratorConfig, host: ServiceHost):
         self.config = config
         self.host = host
-        self.endpoints = EndpointRegistry(config.server.max_message_mb, config.health_interval_seconds)
+        self.endpoints = EndpointRegistry(config.server.max_message_mb, config.health_interval_seconds,
+                                          config.stage_client)
         self.routes: dict[str, Route] = {}
         for rc in config.routes:
             pools = [StagePool([self.endpoints.get(stage, a) for a in getattr(rc, stage)])

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.config import ClientSecurityConfig
 from services.errors import Cancelled, DeadlineExceeded, ServiceError, Unavailable, from_code
 from services.log import get_logger
 from services.proto.chitu.v1 import (
@@ -23,6 +24,7 @@ from services.proto.chitu.v1 import (
     vae_pb2,
     vae_pb2_grpc,
 )
+from services.security import open_aio_channel
 from services.server import channel_options
 
 log = get_logger(__name__)
@@ -41,6 +43,8 @@ class StageEndpoint:
     stage: str
     address: str
     max_message_mb: int
+    security: ClientSecurityConfig | None = None
+    """TLS / client certificate / token toward this stage (None: plaintext)."""
     channel: grpc.aio.Channel = field(init=False)
     stub: object = field(init=False)
     serving: bool = False
@@ -48,7 +52,7 @@ class StageEndpoint:
     last_error: str = "not checked yet"
 
     def __post_init__(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.address, options=channel_options(self.max_message_mb))
+        self.channel = open_aio_channel(self.address, self.security, channel_options(self.max_message_mb))
         self.stub = _STUBS[self.stage](self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -129,16 +133,17 @@ class StagePool:
 class EndpointRegistry:
     """All distinct stage endpoints (a shared encoder appears once), with one health monitor task."""
 
-    def __init__(self, max_message_mb: int, interval: float):
+    def __init__(self, max_message_mb: int, interval: float, security: ClientSecurityConfig | None = None):
         self._endpoints: dict[tuple[str, str], StageEndpoint] = {}
         self._max_message_mb = max_message_mb
+        self._security = security
         self._interval = interval
         self._task: asyncio.Task | None = None
 
     def get(self, stage: str, address: str) -> StageEndpoint:
         key = (stage, address)
         if key not in self._endpoints:
-            self._endpoints[key] = StageEndpoint(stage, address, self._max_message_mb)
+            self._endpoints[key] = StageEndpoint(stage, address, self._max_message_mb, self._security)
         return self._endpoints[key]
 
     def all(self) -> list[StageEndpoint]:

@@ -27,6 +27,99 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _readable(field: str, path: str) -> None:
+    if path and not Path(path).is_file():
+        raise ConfigError(f"{field}={path!r} is not a readable file")
+
+
+@dataclasses.dataclass
+class TlsConfig:
+    """TLS of a listening service (PEM files). No ``cert_file``: plaintext (inside a mesh that terminates TLS, or on
+    loopback)."""
+
+    cert_file: str = ""
+    """Certificate chain this service presents."""
+    key_file: str = ""
+    """Private key of ``cert_file``."""
+    client_ca_file: str = ""
+    """Set: mutual TLS, every client must present a certificate that chains to this CA."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def validate(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("server.tls: cert_file and key_file are set together (both PEM files) or not at all")
+        if self.client_ca_file and not self.cert_file:
+            raise ConfigError("server.tls.client_ca_file (mutual TLS) needs cert_file and key_file")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            _readable(f"server.tls.{name}", getattr(self, name))
+
+
+@dataclasses.dataclass
+class AuthConfig:
+    """Bearer tokens a service accepts (``authorization: Bearer <token>`` metadata). Health checks and reflection
+    never need one (probes cannot send it)."""
+
+    token_file: str = ""
+    """File with one accepted token per line (blank lines and ``#`` comments ignored); read at start, so rotating
+    tokens is a rolling restart. Empty: no token required."""
+
+    def validate(self) -> None:
+        _readable("server.auth.token_file", self.token_file)
+
+    def tokens(self) -> frozenset[str]:
+        """The accepted tokens (empty: none required)."""
+        if not self.token_file:
+            return frozenset()
+        lines = (line.strip() for line in Path(self.token_file).read_text().splitlines())
+        found = frozenset(line for line in lines if line and not line.startswith("#"))
+        if not found:
+            raise ConfigError(f"server.auth.token_file={self.token_file!r} lists no token")
+        return found
+
+
+@dataclasses.dataclass
+class ClientSecurityConfig:
+    """How a client connects to a service: the orchestrator to its stages (``stage_client``), ``chitu generate``
+    and ``ChituClient`` to the orchestrator. No ``ca_file``: plaintext."""
+
+    ca_file: str = ""
+    """CA that the server's certificate must chain to; set: TLS."""
+    cert_file: str = ""
+    """Client certificate, for servers that require mutual TLS."""
+    key_file: str = ""
+    """Private key of ``cert_file``."""
+    server_name: str = ""
+    """Name to check in the server's certificate when the address's host is not in it (an IP, a node port)."""
+    token_file: str = ""
+    """File whose first non-comment line is the bearer token sent on every call; needs TLS (tokens never travel in
+    plaintext)."""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca_file)
+
+    def validate(self, where: str = "client") -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError(f"{where}: cert_file and key_file are set together or not at all")
+        if (self.cert_file or self.server_name) and not self.ca_file:
+            raise ConfigError(f"{where}: cert_file/server_name need ca_file (TLS)")
+        if self.token_file and not self.ca_file:
+            raise ConfigError(f"{where}.token_file needs ca_file: a bearer token never travels in plaintext")
+        for name in ("ca_file", "cert_file", "key_file", "token_file"):
+            _readable(f"{where}.{name}", getattr(self, name))
+
+    def token(self) -> str:
+        if not self.token_file:
+            return ""
+        for line in Path(self.token_file).read_text().splitlines():
+            if line.strip() and not line.strip().startswith("#"):
+                return line.strip()
+        raise ConfigError(f"token_file={self.token_file!r} holds no token")
+
+
 @dataclasses.dataclass
 class ServerConfig:
     """Where and how a service listens."""
@@ -49,6 +142,10 @@ class ServerConfig:
     """Lowest log level written (JSON lines on stderr)."""
     log_file: str = ""
     """If set, logs also go to this file."""
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+    """TLS (and mutual TLS) of this service's port."""
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+    """Bearer tokens required on every RPC but health and reflection."""
 
     @property
     def max_tensor_bytes(self) -> int:

@@ -6,7 +6,9 @@
 - one interceptor that binds the request id (``x-request-id`` metadata, else a fresh one) to every log line
   and turns ``ServiceError`` into a gRPC status with its message (unexpected exceptions become INTERNAL and
   are logged with their traceback);
-- message size caps from config; the bound port is written to ``ready_file`` once SERVING.
+- message size caps from config; the bound port is written to ``ready_file`` once SERVING;
+- TLS / mutual TLS on the port and a bearer-token check on every RPC but health and reflection, when configured
+  (``services.security``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from services.config import ServerConfig
 from services.errors import ServiceError
 from services.log import get_logger
 from services.metrics import ServiceMetrics
+from services.security import server_credentials, token_problem
 
 log = get_logger(__name__)
 
@@ -77,8 +80,10 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
     """Binds the request id to the handler's logs, maps errors to statuses and records RPC metrics, for all four
     RPC shapes."""
 
-    def __init__(self, metrics: ServiceMetrics | None = None):
+    def __init__(self, metrics: ServiceMetrics | None = None, tokens: frozenset[str] = frozenset()):
         self.metrics = metrics
+        self.tokens = tokens
+        """Accepted bearer tokens (empty: none required; health and reflection never need one)."""
 
     def _observe(self, method: str, started: float, code: grpc.StatusCode) -> None:
         if self.metrics is None:
@@ -106,6 +111,8 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         request_id = metadata.get(REQUEST_ID_KEY) or new_request_id()
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
 
+        refused = token_problem(method, metadata, self.tokens)
+
         def bind() -> None:
             # each RPC runs in its own task, so binding without reset cannot leak into other requests
             import structlog
@@ -119,6 +126,9 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
                 bind()
                 started, code = self._start(method), grpc.StatusCode.OK
                 try:
+                    if refused:
+                        code = grpc.StatusCode.UNAUTHENTICATED
+                        await context.abort(code, refused)
                     return await inner(request_or_iterator, context)
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
@@ -141,6 +151,9 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
                 bind()
                 started, code = self._start(method), grpc.StatusCode.OK
                 try:
+                    if refused:
+                        code = grpc.StatusCode.UNAUTHENTICATED
+                        await context.abort(code, refused)
                     async for item in inner(request_or_iterator, context):
                         yield item
                 except (asyncio.CancelledError, GeneratorExit):
@@ -169,7 +182,7 @@ class ServiceHost:
         self.config = config
         self.service_names = list(service_names)
         self.metrics = ServiceMetrics(name)
-        self.server = grpc.aio.server(interceptors=[RequestIdInterceptor(self.metrics)],
+        self.server = grpc.aio.server(interceptors=[RequestIdInterceptor(self.metrics, config.auth.tokens())],
                                       options=server_options(config.max_message_mb))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -195,14 +208,19 @@ class ServiceHost:
     async def start(self) -> None:
         reflection.enable_server_reflection([*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             self.server)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        target = f"{self.config.host}:{self.config.port}"
+        creds = server_credentials(self.config.tls)
+        self.port = (self.server.add_insecure_port(target) if creds is None
+                     else self.server.add_secure_port(target, creds))
         if self.port == 0:
             raise RuntimeError(f"{self.name}: could not bind {self.config.host}:{self.config.port}")
         await self.set_serving(False)
         await self.server.start()
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.start_http(self.config.host, self.config.metrics_port)
-        log.info("server_started", address=self.address, serving=False, metrics_port=self.metrics_port)
+        log.info("server_started", address=self.address, serving=False, metrics_port=self.metrics_port,
+                 tls="mutual" if self.config.tls.client_ca_file else ("on" if creds is not None else "off"),
+                 token_required=bool(self.config.auth.token_file))
 
     async def run(self, load: Callable[[], Awaitable[None]],
                   on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
