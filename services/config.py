@@ -138,6 +138,9 @@ class ServerConfig:
     """If set, ``host:port`` is written here once the service is SERVING (used by ``chitu up``)."""
     metrics_port: int = -1
     """Port of the Prometheus ``/metrics`` endpoint (same host); -1 disables it, 0 picks a free port."""
+    health_port: int = -1
+    """A second, plaintext port that serves only the gRPC health service (same status as the main port), for
+    Kubernetes' gRPC probes, which cannot speak TLS; -1 disables it, 0 picks a free port."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest log level written (JSON lines on stderr)."""
     log_file: str = ""
@@ -154,6 +157,10 @@ class ServerConfig:
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"server.port must be in [0, 65535], got {self.port}")
+        if not -1 <= self.health_port < 65536:
+            raise ConfigError(f"server.health_port must be -1 (off) or in [0, 65535], got {self.health_port}")
+        if self.health_port > 0 and self.health_port in (self.port, self.metrics_port):
+            raise ConfigError(f"server.health_port={self.health_port} is already the service or metrics port")
         if not -1 <= self.metrics_port < 65536:
             raise ConfigError(f"server.metrics_port must be -1 (off) or in [0, 65535], got {self.metrics_port}")
         if self.max_message_mb < 1:

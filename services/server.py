@@ -188,6 +188,9 @@ class ServiceHost:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
         self.metrics_port = -1
+        self.health_port = -1
+        self.health_server: grpc.aio.Server | None = None
+        """Plaintext, health-only server (``server.health_port``): probes reach it where the main port needs TLS."""
         self._stop = asyncio.Event()
         self.serving = False
 
@@ -216,9 +219,17 @@ class ServiceHost:
             raise RuntimeError(f"{self.name}: could not bind {self.config.host}:{self.config.port}")
         await self.set_serving(False)
         await self.server.start()
+        if self.config.health_port >= 0:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{self.config.host}:{self.config.health_port}")
+            if self.health_port == 0:
+                raise RuntimeError(f"{self.name}: could not bind the health port {self.config.health_port}")
+            await self.health_server.start()
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.start_http(self.config.host, self.config.metrics_port)
         log.info("server_started", address=self.address, serving=False, metrics_port=self.metrics_port,
+                 health_port=self.health_port,
                  tls="mutual" if self.config.tls.client_ca_file else ("on" if creds is not None else "off"),
                  token_required=bool(self.config.auth.token_file))
 
@@ -247,6 +258,8 @@ class ServiceHost:
         if on_drain is not None:
             await on_drain()
         await self.server.stop(self.config.grace_seconds)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self.metrics.stop_http()
         log.info("stopped")
 

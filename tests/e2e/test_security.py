@@ -49,6 +49,18 @@ def _signed(d: Path, name: str, ca: str, ext: str) -> None:
              "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+ENCODER_HEALTH_PORT = _free_port()
+"""The encoder's plaintext health-only port (``server.health_port``), as Kubernetes' gRPC probes need it."""
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
@@ -70,7 +82,8 @@ def secure_stack(tiny_flux: Path, pki: Path, tmp_path_factory: pytest.TempPathFa
     security = StackSecurityConfig(ca_file=str(pki / "ca.pem"), cert_file=str(pki / "service.pem"),
                                    key_file=str(pki / "service.key"), token_file=str(pki / "token"))
     cfg = StackConfig(checkpoints={"tiny-flux": str(tiny_flux)}, listen="127.0.0.1:0", device="cpu",
-                      dtype="float32", security=security)
+                      dtype="float32", security=security,
+                      stage_overrides={"encoder": [f"server.health_port={ENCODER_HEALTH_PORT}"]})
     stack = LocalStack(cfg, workdir=tmp_path_factory.mktemp("secure-stack"))
     stack.start()
     yield stack
@@ -161,3 +174,14 @@ def test_security_config_errors_name_the_field(pki: Path) -> None:
         TlsConfig(client_ca_file=str(pki / "ca.pem")).validate()
     with pytest.raises(ConfigError, match="not a readable file"):
         ClientSecurityConfig(ca_file=str(pki / "missing.pem")).validate()
+
+
+def test_plaintext_health_port_answers_health_only(secure_stack) -> None:
+    """``server.health_port``: probes that cannot speak TLS read the same status there; nothing else is served."""
+    with grpc.insecure_channel(f"127.0.0.1:{ENCODER_HEALTH_PORT}") as ch:
+        for service in ("", "chitu.v1.TextEncoderService"):
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            encoder_pb2_grpc.TextEncoderServiceStub(ch).GetEncoderInfo(encoder_pb2.GetEncoderInfoRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -150,3 +150,39 @@ def test_two_experts_and_shared_pools(helm: str) -> None:
     assert args == ["serve", "denoiser", "--config", "/etc/chitu/wan22-denoiser-2.yaml"]
     err = render_error(helm, *sets[:5], "models[1].encoderFrom=nosuch")
     assert "encoderFrom=nosuch is not a served model" in err
+
+
+def test_tls_and_token_reach_every_service_and_probes_use_the_health_port(helm: str) -> None:
+    docs = render(helm, "security.tls.secretName=chitu-tls", "security.token.secretName=chitu-token")
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    data = by_kind(docs, "ConfigMap")["rel-chitu-config"]["data"]
+    orch = from_dict(OrchestratorConfig, yaml.safe_load(data["orchestrator.yaml"]))
+    assert orch.stage_client.ca_file == "/etc/chitu-tls/ca.crt" and orch.stage_client.cert_file
+    assert orch.stage_client.token_file == "/etc/chitu-token/token"
+    servers = [orch.server] + [from_dict(cls, yaml.safe_load(data[f"flux-dev-{stage}.yaml"])).server
+                               for stage, cls in CONFIG_CLASSES.items()]
+    for server in servers:
+        assert server.tls.cert_file == "/etc/chitu-tls/tls.crt" and server.tls.client_ca_file == "/etc/chitu-tls/ca.crt"
+        assert server.auth.token_file == "/etc/chitu-token/token" and server.health_port == 50052
+    for name, dep in by_kind(docs, "Deployment").items():
+        pod = dep["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == 50052, (name, probe)  # kubelet's gRPC probes: no TLS
+        assert {"name": "health", "containerPort": 50052} in container["ports"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["tls"] == "/etc/chitu-tls" and mounts["token"] == "/etc/chitu-token"
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        assert secrets == {"tls": "chitu-tls", "token": "chitu-token"}
+    plain = render(helm)  # default: plaintext, probes on the service port, no security config at all
+    data = by_kind(plain, "ConfigMap")["rel-chitu-config"]["data"]
+    assert "tls" not in yaml.safe_load(data["orchestrator.yaml"])["server"]
+    assert "stage_client" not in yaml.safe_load(data["orchestrator.yaml"])
+    for dep in by_kind(plain, "Deployment").values():
+        assert dep["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] == 50051
+
+
+def test_token_without_tls_fails_with_a_message(helm: str) -> None:
+    assert "never travels in plaintext" in render_error(helm, "security.token.secretName=chitu-token")
+    assert "additional properties 'bogus'" in render_error(helm, "security.tls.bogus=1")

@@ -71,3 +71,73 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- toJson $out -}}
 {{- end -}}
+
+{{/* Security of every service's `server` block (TLS, mutual TLS, token, the plaintext health port for the
+     probes), as YAML to nindent under `server:`. A token without TLS fails: it would travel in plaintext. */}}
+{{- define "chitu.serverSecurity" -}}
+{{- $sec := .Values.security -}}
+{{- if and $sec.token.secretName (not $sec.tls.secretName) -}}
+{{- fail "security.token.secretName needs security.tls.secretName: a bearer token never travels in plaintext" -}}
+{{- end -}}
+{{- if $sec.tls.secretName }}
+health_port: {{ .Values.healthPort }}
+tls:
+  cert_file: /etc/chitu-tls/tls.crt
+  key_file: /etc/chitu-tls/tls.key
+  {{- if $sec.tls.mutual }}
+  client_ca_file: /etc/chitu-tls/ca.crt
+  {{- end }}
+{{- end }}
+{{- if $sec.token.secretName }}
+auth:
+  token_file: /etc/chitu-token/token
+{{- end }}
+{{- end -}}
+
+{{/* How the orchestrator reaches its stages (the orchestrator config's `stage_client`), as YAML. */}}
+{{- define "chitu.stageClient" -}}
+{{- $sec := .Values.security -}}
+{{- if $sec.tls.secretName }}
+ca_file: /etc/chitu-tls/ca.crt
+{{- if $sec.tls.mutual }}
+cert_file: /etc/chitu-tls/tls.crt
+key_file: /etc/chitu-tls/tls.key
+{{- end }}
+{{- if $sec.token.secretName }}
+token_file: /etc/chitu-token/token
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The port the probes ask: the plaintext health port when TLS is on. */}}
+{{- define "chitu.probePort" -}}
+{{- if .Values.security.tls.secretName -}}{{ .Values.healthPort }}{{- else -}}{{ .Values.grpcPort }}{{- end -}}
+{{- end -}}
+
+{{/* Extra container ports, volume mounts and volumes for TLS and the token. */}}
+{{- define "chitu.securityPorts" -}}
+{{- if .Values.security.tls.secretName }}
+- name: health
+  containerPort: {{ .Values.healthPort }}
+{{- end }}
+{{- end -}}
+
+{{- define "chitu.securityMounts" -}}
+{{- if .Values.security.tls.secretName }}
+- {name: tls, mountPath: /etc/chitu-tls, readOnly: true}
+{{- end }}
+{{- if .Values.security.token.secretName }}
+- {name: token, mountPath: /etc/chitu-token, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "chitu.securityVolumes" -}}
+{{- if .Values.security.tls.secretName }}
+- name: tls
+  secret: {secretName: {{ .Values.security.tls.secretName }}}
+{{- end }}
+{{- if .Values.security.token.secretName }}
+- name: token
+  secret: {secretName: {{ .Values.security.token.secretName }}}
+{{- end }}
+{{- end -}}
