@@ -1,6 +1,7 @@
 'use strict';
 // Node.js client of chitu's public API: chitu.v1.GenerationService (Generate streams events, ListModels).
 // The .proto files are loaded at run time from the repository's proto/ folder (or `protoRoot`).
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -19,18 +20,39 @@ function loadApi(protoRoot = DEFAULT_PROTO_ROOT) {
   return grpc.loadPackageDefinition(def).chitu.v1;
 }
 
+function credentials(options) {
+  if (!options.caFile) {
+    if (options.token || options.certFile) throw new Error('token and certFile need caFile (TLS): a bearer token never travels in plaintext');
+    return grpc.credentials.createInsecure();
+  }
+  if (Boolean(options.certFile) !== Boolean(options.keyFile)) throw new Error('certFile and keyFile are set together');
+  const read = (f) => (f ? fs.readFileSync(f) : null);
+  let creds = grpc.credentials.createSsl(read(options.caFile), read(options.keyFile), read(options.certFile));
+  if (options.token) {
+    const bearer = grpc.credentials.createFromMetadataGenerator((_params, callback) => {
+      const md = new grpc.Metadata();
+      md.set('authorization', `Bearer ${options.token}`);
+      callback(null, md);
+    });
+    creds = grpc.credentials.combineChannelCredentials(creds, bearer);
+  }
+  return creds;
+}
+
 class ChituClient {
   /**
    * @param {string} address host:port of the orchestrator
-   * @param {{protoRoot?: string, maxMessageMb?: number}} [options]
+   * @param {{protoRoot?: string, maxMessageMb?: number, caFile?: string, certFile?: string, keyFile?: string,
+   *          serverName?: string, token?: string}} [options] caFile: TLS against that CA; certFile/keyFile: a client
+   *          certificate for mutual TLS; token: bearer token sent on every call (needs TLS); serverName: the name to
+   *          check in the server's certificate when the address's host is not in it.
    */
   constructor(address = '127.0.0.1:50051', options = {}) {
     const api = loadApi(options.protoRoot);
     const size = (options.maxMessageMb || 256) * 1024 * 1024;
-    this.stub = new api.GenerationService(address, grpc.credentials.createInsecure(), {
-      'grpc.max_receive_message_length': size,
-      'grpc.max_send_message_length': size,
-    });
+    const channelOptions = { 'grpc.max_receive_message_length': size, 'grpc.max_send_message_length': size };
+    if (options.serverName) channelOptions['grpc.ssl_target_name_override'] = options.serverName;
+    this.stub = new api.GenerationService(address, credentials(options), channelOptions);
   }
 
   /** ListModels: resolves to {models: [...]}. */

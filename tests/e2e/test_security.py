@@ -185,3 +185,15 @@ def test_plaintext_health_port_answers_health_only(secure_stack) -> None:
         with pytest.raises(grpc.RpcError) as err:
             encoder_pb2_grpc.TextEncoderServiceStub(ch).GetEncoderInfo(encoder_pb2.GetEncoderInfoRequest(), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_node_client_with_tls_and_token(secure_stack, pki: Path) -> None:
+    import shutil
+
+    node = shutil.which("node")
+    assert node, "Node.js is required (scripts/setup.sh installs the client's packages with npm)"
+    proc = subprocess.run([node, "test/secure.js", secure_stack.address, "tiny-flux", str(pki / "ca.pem"),
+                           str(pki / "client.pem"), str(pki / "client.key"), str(pki / "token")],
+                          cwd=REPO / "clients" / "node", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert '"ok":true' in proc.stdout
