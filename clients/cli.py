@@ -50,8 +50,17 @@ def _up(args: argparse.Namespace) -> int:
     for item in args.set:
         kind, _, rest = item.partition(":")
         overrides.setdefault(kind, []).append(rest)
+    from clients.stack import StackSecurityConfig
+    from services.config import ConfigError
+
+    security = StackSecurityConfig(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+                                   token_file=args.token_file)
+    try:
+        security.validate()
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     cfg = StackConfig(checkpoints=_parse_checkpoints(args.checkpoint), listen=args.listen, device=args.device,
-                      dtype=args.dtype, log_level=args.log_level, stage_overrides=overrides)
+                      dtype=args.dtype, log_level=args.log_level, stage_overrides=overrides, security=security)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -204,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default=None, help="where configs and logs go (default: a temporary folder)")
     s.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                    help="config override for one stage kind, e.g. denoiser:engine.max_active_requests=2")
+    g = s.add_argument_group("security: mutual TLS and a bearer token on every channel of the stack")
+    g.add_argument("--ca-file", default="", help="CA that every service and client certificate chains to")
+    g.add_argument("--cert-file", default="", help="certificate every service presents (server and client use)")
+    g.add_argument("--key-file", default="", help="private key of --cert-file")
+    g.add_argument("--token-file", default="", help="bearer token every service requires (first line)")
     s.set_defaults(fn=_up)
 
     s = sub.add_parser("generate", help="generate an image (progress on stderr, file paths on stdout)")

@@ -197,3 +197,30 @@ def test_node_client_with_tls_and_token(secure_stack, pki: Path) -> None:
                           cwd=REPO / "clients" / "node", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '"ok":true' in proc.stdout
+
+
+def test_chitu_up_with_security_flags(tiny_flux: Path, pki: Path, tmp_path: Path) -> None:
+    """`chitu up --ca-file --cert-file --key-file --token-file`: the whole stack behind mutual TLS and the token."""
+    import re
+    import signal
+
+    flags = ["--ca-file", str(pki / "ca.pem"), "--cert-file", str(pki / "service.pem"), "--key-file",
+             str(pki / "service.key"), "--token-file", str(pki / "token")]
+    proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "up", "--listen", "127.0.0.1:0", "--device", "cpu",
+                             "--dtype", "float32", "--checkpoint", f"tiny-flux={tiny_flux}", "--workdir",
+                             str(tmp_path / "up"), *flags], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"orchestrator at (\S+)", line)
+        assert match, line
+        with ChituClient(match.group(1), security=client_security(pki)) as c:
+            assert [m.name for m in c.list_models().models] == ["tiny-flux"]
+        with ChituClient(match.group(1)) as c, pytest.raises(grpc.RpcError) as err:
+            c.list_models(timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        import os
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
