@@ -40,6 +40,8 @@ class Case:
     component: str
     layout: dict[str, int]
     jobs: list[DenoiseJob]
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    """Further ``key=value`` denoiser config overrides of every rank (e.g. ``runtime.compile=on``)."""
 
     @property
     def world_size(self) -> int:
@@ -48,7 +50,7 @@ class Case:
 
     def spec(self) -> dict:
         return {"name": self.name, "checkpoint": str(self.checkpoint), "component": self.component,
-                "layout": self.layout, "jobs": self.jobs}
+                "layout": self.layout, "jobs": self.jobs, "overrides": self.overrides}
 
 
 def tiny_checkpoints() -> list[str]:

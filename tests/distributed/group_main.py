@@ -45,12 +45,14 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str, device: 
         t0 = time.perf_counter()
         overrides = [f"model.checkpoint={case['checkpoint']}", f"model.device={device}", f"model.dtype={dtype}",
                      "warmup=false", f"component={case['component']}",
-                     *(f"parallel.{k}={v}" for k, v in case["layout"].items())]
+                     *(f"parallel.{k}={v}" for k, v in case["layout"].items()), *case.get("overrides", [])]
         config = load_config(DenoiserServiceConfig, overrides=overrides)
         groups = ParallelGroups.build(config.parallel, rank, backend)
         worker = Worker(config, groups=groups)
         worker.init_device()
         worker.load_model()
+        if case.get("overrides"):  # runtime settings: choose kernels and compile as a serving rank does (no warm-up job)
+            worker.compile_or_warm_up_model(None)
         folder = out / case["name"]
         folder.mkdir(parents=True, exist_ok=True)
         for job in case["jobs"]:
