@@ -168,6 +168,17 @@ class DenoiseState:
         return BRANCHES if self.do_cfg else ("cond",)
 
 
+def sequence_embeds(conds: dict[str, torch.Tensor], name: str, width: int, where: str) -> torch.Tensor:
+    """``conds[name]``, checked to be one prompt's ``[1, L, width]`` embeddings with ``L >= 1`` (INVALID_ARGUMENT
+    naming ``where`` and the field otherwise)."""
+    t = conds.get(name)
+    if t is None:
+        raise InvalidArgument(f"{where} lacks {name!r} (got {sorted(conds)})")
+    if t.ndim != 3 or t.shape[0] != 1 or t.shape[2] != width or t.shape[1] < 1:
+        raise InvalidArgument(f"{where}[{name!r}] has shape {list(t.shape)}; expected [1, L, {width}]")
+    return t
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

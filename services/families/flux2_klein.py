@@ -31,6 +31,7 @@ from services.families.base import (
     SeqGather,
     SeqSplit,
     SequenceParallelPlan,
+    sequence_embeds,
 )
 from services.families.cache_spec import NO_TEACACHE_POLYNOMIAL, BlockCall, CacheSpec, block_counts
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
@@ -40,15 +41,6 @@ PIPELINE_MAX_SEQUENCE_LENGTH = 512
 """Flux2KleinPipeline.__call__'s default ``max_sequence_length`` (every prompt is padded to it)."""
 TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)
 """Flux2KleinPipeline's default ``text_encoder_out_layers``."""
-
-
-def _expect(conds: dict[str, torch.Tensor], name: str, width: int, where: str) -> torch.Tensor:
-    t = conds.get(name)
-    if t is None:
-        raise InvalidArgument(f"{where} lacks {name!r} (got {sorted(conds)})")
-    if t.ndim != 3 or t.shape[0] != 1 or t.shape[2] != width:
-        raise InvalidArgument(f"{where}[{name!r}] has shape {list(t.shape)}; expected [1, L, {width}]")
-    return t
 
 
 class Flux2KleinAdapter(FamilyAdapter):
@@ -133,12 +125,12 @@ class Flux2KleinAdapter(FamilyAdapter):
         device, dtype = transformer.device, transformer.dtype
         width = transformer.config.joint_attention_dim
         do_cfg = params.guidance_scale > 1 and not self.is_distilled
-        branches = {"cond": _expect(conditionings, "prompt_embeds", width, "conditionings")}
+        branches = {"cond": sequence_embeds(conditionings, "prompt_embeds", width, "conditionings")}
         if do_cfg:
             if not negative_conditionings:
                 raise InvalidArgument("negative_conditionings are required: this FLUX.2-klein base model runs CFG "
                                       f"at guidance_scale={params.guidance_scale:g} > 1 (encode the negative branch)")
-            branches["uncond"] = _expect(negative_conditionings, "prompt_embeds", width, "negative_conditionings")
+            branches["uncond"] = sequence_embeds(negative_conditionings, "prompt_embeds", width, "negative_conditionings")
         generator = torch.Generator("cpu").manual_seed(params.seed)
         latents, latent_ids = model.prepare_latents(1, transformer.config.in_channels // 4, params.height, params.width,
                                                     dtype, device, generator, None)

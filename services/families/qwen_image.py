@@ -34,6 +34,7 @@ from services.families.base import (
     SeqGather,
     SeqSplit,
     SequenceParallelPlan,
+    sequence_embeds,
 )
 from services.families.cache_spec import CacheSpec
 from services.families.loading import checkpoint_defaults, load_partial_pipeline
@@ -45,11 +46,7 @@ PIPELINE_MAX_SEQUENCE_LENGTH = 512
 
 def _branch_conditioning(conds: dict[str, torch.Tensor], width: int, where: str
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    embeds = conds.get("prompt_embeds")
-    if embeds is None:
-        raise InvalidArgument(f"{where} lacks 'prompt_embeds' (got {sorted(conds)})")
-    if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != width or embeds.shape[1] < 1:
-        raise InvalidArgument(f"{where}['prompt_embeds'] has shape {list(embeds.shape)}; expected [1, L, {width}]")
+    embeds = sequence_embeds(conds, "prompt_embeds", width, where)
     mask = conds.get("prompt_embeds_mask")
     if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
         raise InvalidArgument(f"{where}['prompt_embeds_mask'] has shape {list(mask.shape)}; expected "

@@ -36,6 +36,7 @@ from services.families.base import (
     SeqGather,
     SeqSplit,
     SequenceParallelPlan,
+    sequence_embeds,
 )
 from services.families.cache_spec import NO_TEACACHE_POLYNOMIAL, CacheSpec
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
@@ -45,15 +46,6 @@ PIPELINE_MAX_SEQUENCE_LENGTH = 512
 """ZImagePipeline.__call__'s default ``max_sequence_length``."""
 SEQ_MULTIPLE = 32
 """ZImageTransformer2DModel pads the image and the caption sequences to multiples of this (``SEQ_MULTI_OF``)."""
-
-
-def _caption(conds: dict[str, torch.Tensor], width: int, where: str) -> torch.Tensor:
-    embeds = conds.get("prompt_embeds")
-    if embeds is None:
-        raise InvalidArgument(f"{where} lacks 'prompt_embeds' (got {sorted(conds)})")
-    if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != width or embeds.shape[1] < 1:
-        raise InvalidArgument(f"{where}['prompt_embeds'] has shape {list(embeds.shape)}; expected [1, L, {width}]")
-    return embeds
 
 
 class ZImageAdapter(FamilyAdapter):
@@ -128,13 +120,14 @@ class ZImageAdapter(FamilyAdapter):
         transformer = model.transformer
         device, dtype = transformer.device, transformer.dtype
         width = transformer.config.cap_feat_dim
-        branches = {"cond": _caption(conditionings, width, "conditionings")}
+        branches = {"cond": sequence_embeds(conditionings, "prompt_embeds", width, "conditionings")}
         do_cfg = params.guidance_scale > 0  # ZImagePipeline.do_classifier_free_guidance
         if do_cfg:
             if not negative_conditionings:
                 raise InvalidArgument("negative_conditionings are required: Z-Image runs CFG whenever guidance_scale "
                                       f"> 0 (got {params.guidance_scale:g}); encode the negative prompt ('' by default)")
-            branches["uncond"] = _caption(negative_conditionings, width, "negative_conditionings")
+            branches["uncond"] = sequence_embeds(negative_conditionings, "prompt_embeds", width,
+                                                 "negative_conditionings")
         generator = torch.Generator("cpu").manual_seed(params.seed)
         latents = model.prepare_latents(1, transformer.in_channels, params.height, params.width, torch.float32, device,
                                         generator, None)
