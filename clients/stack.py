@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from services.assets import CACHE_DIR
-from services.config import ClientSecurityConfig, ConfigError
+from services.config import ClientSecurityConfig, ConfigError, check_readable
 from services.fingerprint import FileHashCache, stage_fingerprint
 from services.log import get_logger
 from services.registry import load_adapter
@@ -53,9 +53,7 @@ class StackSecurityConfig:
             raise ConfigError("stack security: ca_file, cert_file and key_file are set together (token_file is "
                               "optional with them)")
         for name in ("ca_file", "cert_file", "key_file", "token_file"):
-            path = getattr(self, name)
-            if path and not Path(path).is_file():
-                raise ConfigError(f"stack security: {name}={path!r} is not a readable file")
+            check_readable(f"stack security: {name}", getattr(self, name))
 
     def server(self) -> dict[str, Any]:
         """The ``server`` config block of every service."""
@@ -199,13 +197,15 @@ class LocalStack:
         cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
         return Service(kind, name, cfg_path, ready, self.log_dir / f"{kind}-{name}.log")
 
-    def _launch(self, svc: Service) -> None:
+    def _launch(self, svc: Service, env: dict[str, str] | None = None) -> None:
+        """Start ``svc`` in its own session (``env``: the child's environment, default this process's)."""
         cmd = [sys.executable, "-m", "clients.cli", "serve", svc.kind, "--config", str(svc.config_path)]
         for override in self.config.stage_overrides.get(svc.kind, []):
             cmd += ["--set", override]
         log_file = open(svc.log_path, "ab")  # noqa: SIM115 - handed to the child, closed on stop
         svc.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                       cwd=str(Path(__file__).resolve().parent.parent), env=os.environ.copy())
+                                       cwd=str(Path(__file__).resolve().parent.parent),
+                                       env=os.environ.copy() if env is None else env)
         svc._log_file = log_file  # type: ignore[attr-defined]
         self.services.append(svc)
 

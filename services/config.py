@@ -27,9 +27,16 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _readable(field: str, path: str) -> None:
+def check_readable(field: str, path: str) -> None:
+    """``path`` (when set) must be a file: the message names ``field``."""
     if path and not Path(path).is_file():
         raise ConfigError(f"{field}={path!r} is not a readable file")
+
+
+def token_lines(path: str) -> list[str]:
+    """The tokens of a token file: its non-blank lines, stripped, without ``#`` comments."""
+    lines = (line.strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 @dataclasses.dataclass
@@ -54,7 +61,7 @@ class TlsConfig:
         if self.client_ca_file and not self.cert_file:
             raise ConfigError("server.tls.client_ca_file (mutual TLS) needs cert_file and key_file")
         for name in ("cert_file", "key_file", "client_ca_file"):
-            _readable(f"server.tls.{name}", getattr(self, name))
+            check_readable(f"server.tls.{name}", getattr(self, name))
 
 
 @dataclasses.dataclass
@@ -67,14 +74,13 @@ class AuthConfig:
     tokens is a rolling restart. Empty: no token required."""
 
     def validate(self) -> None:
-        _readable("server.auth.token_file", self.token_file)
+        check_readable("server.auth.token_file", self.token_file)
 
     def tokens(self) -> frozenset[str]:
         """The accepted tokens (empty: none required)."""
         if not self.token_file:
             return frozenset()
-        lines = (line.strip() for line in Path(self.token_file).read_text().splitlines())
-        found = frozenset(line for line in lines if line and not line.startswith("#"))
+        found = frozenset(token_lines(self.token_file))
         if not found:
             raise ConfigError(f"server.auth.token_file={self.token_file!r} lists no token")
         return found
@@ -109,15 +115,15 @@ class ClientSecurityConfig:
         if self.token_file and not self.ca_file:
             raise ConfigError(f"{where}.token_file needs ca_file: a bearer token never travels in plaintext")
         for name in ("ca_file", "cert_file", "key_file", "token_file"):
-            _readable(f"{where}.{name}", getattr(self, name))
+            check_readable(f"{where}.{name}", getattr(self, name))
 
     def token(self) -> str:
         if not self.token_file:
             return ""
-        for line in Path(self.token_file).read_text().splitlines():
-            if line.strip() and not line.strip().startswith("#"):
-                return line.strip()
-        raise ConfigError(f"token_file={self.token_file!r} holds no token")
+        tokens = token_lines(self.token_file)
+        if not tokens:
+            raise ConfigError(f"token_file={self.token_file!r} holds no token")
+        return tokens[0]
 
 
 @dataclasses.dataclass

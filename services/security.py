@@ -50,20 +50,26 @@ def secure_options(sec: ClientSecurityConfig) -> list[tuple[str, Any]]:
     return [("grpc.ssl_target_name_override", sec.server_name)] if sec.tls and sec.server_name else []
 
 
-def open_channel(address: str, sec: ClientSecurityConfig | None, options: list[tuple[str, Any]]) -> grpc.Channel:
-    """A blocking channel to ``address``, secured as ``sec`` says."""
+def _secured(sec: ClientSecurityConfig | None, options: list[tuple[str, Any]]
+             ) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
     creds = channel_credentials(sec) if sec is not None else None
+    return creds, options if creds is None else [*options, *secure_options(sec)]
+
+
+def open_channel(address: str, sec: ClientSecurityConfig | None, options: list[tuple[str, Any]]) -> grpc.Channel:
+    """A blocking channel to ``address``, secured as ``sec`` says (None, or no ``ca_file``: plaintext)."""
+    creds, options = _secured(sec, options)
     if creds is None:
         return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, creds, options=[*options, *secure_options(sec)])
+    return grpc.secure_channel(address, creds, options=options)
 
 
 def open_aio_channel(address: str, sec: ClientSecurityConfig | None, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
-    """An asyncio channel to ``address``, secured as ``sec`` says."""
-    creds = channel_credentials(sec) if sec is not None else None
+    """The asyncio form of ``open_channel``."""
+    creds, options = _secured(sec, options)
     if creds is None:
         return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, creds, options=[*options, *secure_options(sec)])
+    return grpc.aio.secure_channel(address, creds, options=options)
 
 
 def token_problem(method: str, metadata: dict[str, str], tokens: frozenset[str]) -> str:
