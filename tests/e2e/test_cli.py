@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,11 @@ import pytest
 import yaml
 
 from services.media import decode_png
+from tests.net import free_port
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -43,7 +37,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_up_generate_and_sigterm_stops_everything(tmp_path: Path, tiny_flux: Path) -> None:
-    port = _free_port()
+    port = free_port()
     up = subprocess.Popen([sys.executable, "-m", "clients.cli", "up", "--listen", f"127.0.0.1:{port}",
                            "--checkpoint", f"demo={tiny_flux}", "--device", "cpu", "--workdir", str(tmp_path / "w")],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)

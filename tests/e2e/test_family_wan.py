@@ -325,10 +325,7 @@ def test_mp4_without_pyav_fails_before_any_stage_works(wan_stack, tmp_path: Path
     cfg = yaml.safe_load(s.service("vae").config_path.read_text())
     vae = s._write("vae", "no-pyav", {**cfg, "server": {**cfg["server"], "port": 0}})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow.parent), os.environ.get("PYTHONPATH", "")])}
-    log_file = open(vae.log_path, "ab")  # noqa: SIM115 - closed below
-    vae.process = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve", "vae", "--config",
-                                    str(vae.config_path)], stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]), env=env)
+    s._launch(vae, env=env)
     route = {"model": "tiny-wan", "encoder": [s.service("encoder").address], "vae": [],
              "denoiser": [s.service("denoiser", "tiny-wan").address]}
     orch = None
@@ -361,4 +358,3 @@ def test_mp4_without_pyav_fails_before_any_stage_works(wan_stack, tmp_path: Path
         for svc in (orch, vae):
             if svc is not None and svc.process is not None and svc.process.poll() is None:
                 s.kill(svc, signal.SIGTERM)
-        log_file.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients.client import ChituClient, GenerateOptions
 from clients.stack import LocalStack, StackConfig
 from services.proto.chitu.v1 import denoiser_pb2, denoiser_pb2_grpc
+from tests.net import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -57,14 +57,8 @@ def _denoiser_counts(address: str) -> dict[str, str]:
     return dict(info.metadata)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_health_not_serving_while_loading(tiny_flux: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "enc.yaml"
     cfg.write_text(yaml.safe_dump({"server": {"port": port}, "model": {"checkpoint": str(tiny_flux), "device": "cpu"}}))
     proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve", "encoder", "--config", str(cfg)],

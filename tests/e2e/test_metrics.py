@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,9 @@ import pytest
 import yaml
 
 from services.proto.chitu.v1 import encoder_pb2, encoder_pb2_grpc
+from tests.net import free_port
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -36,7 +30,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 def test_encoder_metrics(tiny_flux: Path, tmp_path: Path) -> None:
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     cfg = tmp_path / "enc.yaml"
     ready = tmp_path / "ready"
     cfg.write_text(yaml.safe_dump({"server": {"port": grpc_port, "metrics_port": metrics_port,

@@ -24,6 +24,7 @@ from clients.client import ChituClient, GenerateOptions
 from services.config import ClientSecurityConfig, ConfigError, TlsConfig
 from services.media import decode_png
 from services.proto.chitu.v1 import encoder_pb2, encoder_pb2_grpc
+from tests.net import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -49,15 +50,7 @@ def _signed(d: Path, name: str, ca: str, ext: str) -> None:
              "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-ENCODER_HEALTH_PORT = _free_port()
+ENCODER_HEALTH_PORT = free_port()
 """The encoder's plaintext health-only port (``server.health_port``), as Kubernetes' gRPC probes need it."""
 
 
