@@ -85,15 +85,19 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         self.tokens = tokens
         """Accepted bearer tokens (empty: none required; health and reflection never need one)."""
 
-    def _observe(self, method: str, started: float, code: grpc.StatusCode) -> None:
-        if self.metrics is None:
-            return
+    def _observe(self, method: str, started: float | None, code: grpc.StatusCode) -> None:
+        """Records one finished RPC once: returns None, which callers store as ``started`` so that the ``finally``
+        clause does not count it again. Errors are recorded before ``context.abort``, because grpc.aio sends the
+        status from inside ``abort``: a client could otherwise see the error before the counter moves."""
+        if self.metrics is None or started is None:
+            return None
         name = self.metrics.service
         self.metrics.requests.labels(name, method, code.name).inc()
         self.metrics.seconds.labels(name, method).observe(time.perf_counter() - started)
         self.metrics.in_flight.labels(name, method).dec()
         if self.metrics.is_work(method):
             self.metrics.work_in_flight -= 1
+        return None
 
     def _start(self, method: str) -> float:
         if self.metrics is not None:
@@ -124,10 +128,12 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_out(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
                 bind()
-                started, code = self._start(method), grpc.StatusCode.OK
+                started: float | None = self._start(method)
+                code = grpc.StatusCode.OK
                 try:
                     if refused:
                         code = grpc.StatusCode.UNAUTHENTICATED
+                        started = self._observe(method, started, code)
                         await context.abort(code, refused)
                     return await inner(request_or_iterator, context)
                 except asyncio.CancelledError:
@@ -138,6 +144,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception as exc:  # noqa: BLE001 - boundary: every error becomes a status
                     code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
+                    started = self._observe(method, started, code)
                     await _abort_for(exc, context, method)
                 finally:
                     self._observe(method, started, code)
@@ -149,10 +156,12 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_out(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
                 bind()
-                started, code = self._start(method), grpc.StatusCode.OK
+                started: float | None = self._start(method)
+                code = grpc.StatusCode.OK
                 try:
                     if refused:
                         code = grpc.StatusCode.UNAUTHENTICATED
+                        started = self._observe(method, started, code)
                         await context.abort(code, refused)
                     async for item in inner(request_or_iterator, context):
                         yield item
@@ -164,6 +173,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception as exc:  # noqa: BLE001 - boundary: every error becomes a status
                     code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
+                    started = self._observe(method, started, code)
                     await _abort_for(exc, context, method)
                 finally:
                     self._observe(method, started, code)
