@@ -4,7 +4,9 @@
 Models: the real-size Flux.1-dev transformer at 1024^2 (4096 image + 512 text tokens) and Wan2.1-T2V-1.3B at
 480p x 81 frames (32760 video tokens, CFG), random weights, bf16. Both sides use the same attention kernel
 (``--attention``: ours from the kernel registry, diffusers' matching backend) and the same compile setting
-(``--compile``: regional ``torch.compile`` of the repeated blocks, applied to both).
+(``--compile``: regional ``torch.compile`` of the repeated blocks, applied to both; ``--cuda-graphs``: inductor's
+CUDA-graph trees around the compiled blocks, both sides). ``--trace-collectives both`` runs each of our Ulysses
+layouts twice: all-to-alls traced into the compiled blocks (the default) and kept outside them (``-untraced``).
 
     python benchmarks/parallel.py                          # GPU: 1, 2, 4 GPUs; appends rows to benchmarks/RESULTS.md
     python benchmarks/parallel.py --device cpu --tiny      # the same code on tiny models, gloo, 1 and 2 ranks (CI)
@@ -289,12 +291,15 @@ def phases(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
 
 
 # -- our group ------------------------------------------------------------------------------------------------------
-def our_layouts(spec: Spec, world: int) -> list[tuple[str, dict[str, int]]]:
+def our_layouts(spec: Spec, world: int, trace: str = "on") -> list[tuple[str, dict[str, Any]]]:
     if world == 1:
         return [("single", {})]
-    out = []
+    out: list[tuple[str, dict[str, Any]]] = []
     if spec.heads % world == 0:
-        out.append((f"ulysses{world}", {"ulysses_degree": world}))
+        if trace in ("on", "both"):
+            out.append((f"ulysses{world}", {"ulysses_degree": world}))
+        if trace in ("off", "both"):
+            out.append((f"ulysses{world}-untraced", {"ulysses_degree": world, "trace_collectives": "false"}))
     out.append((f"ring{world}", {"ring_degree": world}))
     if world >= 4 and spec.heads % (world // 2) == 0:
         out.append((f"ulysses{world // 2}xring2", {"ulysses_degree": world // 2, "ring_degree": 2}))
@@ -312,6 +317,7 @@ def _measure_ours(row: Row, worker: Any, spec: Spec, device: torch.device, args)
     steps = iter(range(spec.job.end_step))
 
     def forward() -> None:
+        mark_graph_step(args)
         with torch.inference_mode():
             worker.runner.forward(state, 0, "cond")
 
@@ -330,9 +336,10 @@ def run_ours(spec: Spec, handle: Any, world: int, rank: int, device: torch.devic
     from services.runtime import regional_compile
 
     rows = []
-    for name, layout in our_layouts(spec, world):
+    for name, layout in our_layouts(spec, world, args.trace_collectives):
         overrides = [f"model.checkpoint={spec.checkpoint}", f"model.device={device.type}", f"model.dtype={args.dtype}",
                      "warmup=false", f"runtime.attention_backend={args.attention}", f"runtime.compile={args.compile}",
+                     f"runtime.cuda_graphs={str(args.cuda_graphs).lower()}",
                      *(f"parallel.{k}={v}" for k, v in layout.items())]
         config = load_config(DenoiserServiceConfig, overrides=overrides)
         groups = ParallelGroups.build(config.parallel, rank, dist.get_backend()) if world > 1 else None
@@ -403,7 +410,7 @@ def run_diffusers(spec: Spec, models: list[Any], world: int, rank: int, device: 
                     torch.accelerator.device_count = lambda: 1
                 transformer.enable_parallelism(config=ContextParallelConfig(**cp))
             if args.compile == "on":
-                regional_compile(transformer, RuntimeConfig(compile="on"), device)
+                regional_compile(transformer, RuntimeConfig(compile="on", cuda_graphs=args.cuda_graphs), device)
             _measure_diffusers(row, handle, spec, device, args)
         except Exception as exc:  # noqa: BLE001
             row.note = f"failed: {type(exc).__name__}: {exc}"[:300]
@@ -424,11 +431,13 @@ def _measure_diffusers(row: Row, handle: Any, spec: Spec, device: torch.device, 
     steps = iter(range(job.end_step))
 
     def forward() -> None:
+        mark_graph_step(args)
         with torch.inference_mode():
             spec.diffusers_call(handle, state, "cond")
 
     def step() -> None:
         k = next(steps)
+        mark_graph_step(args)
         with torch.inference_mode():
             preds = {b: spec.diffusers_call(handle, state, b) for b in branches}
             noise = spec.adapter.combine(state, preds["cond"], preds["uncond"]) if state.do_cfg else preds["cond"]
@@ -438,6 +447,13 @@ def _measure_diffusers(row: Row, handle: Any, spec: Spec, device: torch.device, 
     row.step_s = timed(step, device, 1, args.steps)
     row.phases_ms = phases(forward, device)
     return row
+
+
+def mark_graph_step(args: argparse.Namespace) -> None:
+    """With CUDA graphs, a new step begins: the previous call's graph outputs may be overwritten (as the worker
+    does at each step)."""
+    if args.cuda_graphs and args.device == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def _free(device: torch.device) -> None:
@@ -523,7 +539,8 @@ def table(rows: list[Row], card: str, args: argparse.Namespace) -> list[str]:
 
 def write_results(path: Path, lines: list[str], card: str, args: argparse.Namespace) -> None:
     head = (f"\n## Multi-GPU (issue 4): {datetime.date.today().isoformat()}, {card}, torch {torch.__version__}, "
-            f"attention {args.attention}, compile {args.compile}{', tiny' if args.tiny else ''}\n\n"
+            f"attention {args.attention}, compile {args.compile}{', CUDA graphs' if args.cuda_graphs else ''}"
+            f"{', tiny' if args.tiny else ''}\n\n"
             f"`python benchmarks/parallel.py {' '.join(sys.argv[1:])}`. Forward: one cond transformer call; step: "
             f"one denoising step (every CFG branch, mix, scheduler); medians of the slowest rank; speed-ups vs the "
             f"same side's 1-GPU row.\n\n")
@@ -541,12 +558,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="flux,wan")
     p.add_argument("--attention", default=None, help="kernel on both sides (default sdpa_cudnn on CUDA, sdpa on CPU)")
     p.add_argument("--compile", choices=["off", "on"], default="off")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA-graph trees around the compiled blocks (both sides)")
+    p.add_argument("--trace-collectives", choices=["on", "off", "both"], default="on",
+                   help="our Ulysses all-to-alls traced into the compiled blocks, kept outside, or both variants")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="timed forwards per configuration")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = p.parse_args(argv)
+    if args.cuda_graphs and args.compile != "on":
+        p.error("--cuda-graphs needs --compile on (the graphs wrap the compiled blocks)")
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device; use --device cpu --tiny")

@@ -26,6 +26,14 @@ class ParallelConfig:
     """Ranks that re-shard attention heads <-> sequence with all-to-all (must divide the model's head count)."""
     ring_degree: int = 1
     """Ranks that pass K/V around a ring and merge partial attention by log-sum-exp (any head count)."""
+    ulysses_chunks: int = 1
+    """Split the heads into this many groups whose Ulysses all-to-alls overlap the attention of the previous group
+    (1: one exchange each way, nothing overlapped). ``ulysses_degree * ulysses_chunks`` must divide the heads; the
+    result does not depend on it."""
+    trace_collectives: bool = True
+    """Run the Ulysses all-to-alls as functional collectives that ``torch.compile`` traces into the compiled blocks
+    (one graph per block, no graph break at attention; see ``denoiser_svc.parallel.attention``). Off keeps every
+    collective outside the compiled graphs. Ring and USP layouts always keep theirs outside."""
     backend: DistBackend = "auto"
     """Collective backend of the compute groups: ``nccl`` on CUDA, ``gloo`` on CPU; ``auto`` picks by device."""
     master_addr: str = "127.0.0.1"
@@ -59,7 +67,7 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.cfg_degree not in (1, 2):
             raise ConfigError(f"parallel.cfg_degree must be 1 or 2 (the two CFG branches), got {self.cfg_degree}")
-        for name in ("ulysses_degree", "ring_degree"):
+        for name in ("ulysses_degree", "ring_degree", "ulysses_chunks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.master_port < 65536:

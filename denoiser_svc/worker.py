@@ -29,7 +29,7 @@ from services.errors import FailedPrecondition
 from services.families.base import DenoiseState, SamplingParams, resolve_device, resolve_dtype
 from services.log import get_logger
 from services.registry import load_adapter
-from services.runtime import denoiser_module, fuse_projections, regional_compile
+from services.runtime import denoiser_module, fuse_projections, graph_breaks, regional_compile
 
 log = get_logger(__name__)
 
@@ -144,7 +144,9 @@ class Worker:
         if lse is None:
             joint = self.kernel("joint")
             lse = joint.fn_lse if joint is not None and joint.constraints.supports_lse else default_lse_attention
-        return SequenceParallelAttention(self.groups, base.joint, lse, self.sharder).ops(base)
+        parallel = self.config.parallel
+        return SequenceParallelAttention(self.groups, base.joint, lse, self.sharder, parallel.trace_collectives,
+                                         parallel.ulysses_chunks).ops(base)
 
     def attention_ops(self) -> AttentionOps:
         """The attention calls this rank's processors make (kernel backend; sequence-parallel wrappers)."""
@@ -188,8 +190,11 @@ class Worker:
             self.runtime_facts["compile_mode"] = str(runtime.inductor_mode(self.device) or "default")
         if job is not None:
             t0 = time.perf_counter()
+            breaks = graph_breaks()
             self.run_job(job)
             self.runtime_facts["warmup_seconds"] = f"{time.perf_counter() - t0:.2f}"
+            if runtime.compile_enabled(self.device):
+                self.runtime_facts["compile_graph_breaks"] = str(graph_breaks() - breaks)
         log.info("runtime_ready", rank=self.rank, **self.runtime_facts)
 
     def recording_ops(self):

@@ -163,3 +163,11 @@ def undo_regional_compile(model: torch.nn.Module) -> None:
         if getattr(block, "_chitu_compiled", False):
             del block.forward
             block._chitu_compiled = False
+
+
+def graph_breaks() -> int:
+    """Graph breaks ``torch.compile`` has recorded in this process so far (dynamo's counters, summed over reasons):
+    the warm-up reports how many the compiled blocks hit (0 means each block is one graph)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())

@@ -19,6 +19,15 @@ in this transformer call (blocks that run whole on every rank, ahead of the spli
 
 ``AttentionOps.cross`` (cross-attention to replicated text K/V) is passed through: only q is sharded, no
 communication is needed.
+
+Compilation: with ``parallel.trace_collectives`` (the default) a Ulysses-only group (ring degree 1) runs its
+all-to-alls as functional collectives that ``torch.compile`` traces, so a compiled block is one graph from its input
+projections through the all-to-alls and the kernel to its output projection: inductor fuses the re-shard copies into
+the neighbouring kernels and CUDA graphs can replay the whole block instead of launching its collectives from the
+host. The host-side layout (lengths, which keys are padding) is read from the sharder's immutable ``UlyssesView``,
+rebuilt eagerly at each split, on which the compiled graph is guarded. Ring and USP layouts (point-to-point K/V
+passing) keep their communication outside the graph (``torch.compiler.disable``), as does a joint call made before
+the split.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from services.attention import AttentionFn, AttentionOps
 
 if TYPE_CHECKING:
     from denoiser_svc.parallel.groups import ParallelGroups, RankGroup
-    from denoiser_svc.parallel.sharding import KeyLayout
+    from denoiser_svc.parallel.sharding import SequenceSharder
 
 LseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 """``(q, k, v, key_mask) -> (out [B, S_q, H, D], lse [B, H, S_q] float32)`` (natural-log sum of exp of the
@@ -118,62 +127,98 @@ class SequenceParallelAttention:
     """``AttentionOps.joint`` over the sequence-parallel group (Ulysses, Ring or both); ``cross`` stays local."""
 
     def __init__(self, groups: ParallelGroups, kernel: AttentionFn, lse_kernel: LseFn | None,
-                 keys: KeyLayout):
+                 keys: SequenceSharder, trace_collectives: bool = True, chunks: int = 1):
         self.ulysses: RankGroup = groups.get_ulysses_group()
         self.ring: RankGroup = groups.get_ring_group()
         self.kernel = kernel
         self.lse_kernel = lse_kernel or default_lse_attention
         self.keys = keys
         """Where the padding sits (the sharder's per-call state)."""
+        self.traced = trace_collectives and self.ring.size == 1 and self.ulysses.size > 1
+        """Ulysses through traceable functional collectives (see the module doc); fixed for the wrapper's life."""
+        self.chunks = chunks if self.ulysses.size > 1 else 1
+        """Head chunks whose Ulysses exchanges overlap the attention of the previous chunk (``_ulysses``)."""
 
     def ops(self, base: AttentionOps) -> AttentionOps:
         """``base`` with its joint attention made sequence-parallel (``base.joint`` is ignored: ``kernel`` is the
         kernel that runs after the all-to-all)."""
         return AttentionOps(joint=self.joint, cross=base.cross)
 
-    # -- Ulysses reshards (one all-to-all each way) ----------------------------------------------------------------
-    def _scatter_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        u = self.ulysses.size
-        b, s, h, d = q.shape
-        # q, k, v [B, S_l, H, D] -> buffer [U, 3, B, S_l, H/U, D] (slot j: the heads member j will own)
-        buf = torch.empty(u, 3, b, s, h // u, d, dtype=q.dtype, device=q.device)
-        for i, x in enumerate((q, k, v)):
-            buf[:, i].copy_(x.view(b, s, u, h // u, d).permute(2, 0, 1, 3, 4))
-        out = self.ulysses.all_to_all(buf)  # [U (source: its sequence shard), 3, B, S_l, H/U, D]
-        # -> [3, B, U * S_l, H/U, D]: the U shards in source order = this rank's contiguous chunk of the sequence
-        out = out.permute(1, 2, 0, 3, 4, 5).reshape(3, b, u * s, h // u, d)
-        return out[0], out[1], out[2]
+    # -- Ulysses: one all-to-all each way per head chunk, pipelined ---------------------------------------------------
+    def _start_all_to_all(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return self.ulysses.all_to_all_async(x, traced=self.traced)
 
-    def _gather_heads(self, out: torch.Tensor) -> torch.Tensor:
-        u = self.ulysses.size
-        b, su, hu, d = out.shape
-        s = su // u
-        # [B, U * S_l, H/U, D] -> [U (destination: whose sequence shard), B, S_l, H/U, D]
-        buf = out.view(b, u, s, hu, d).permute(1, 0, 2, 3, 4)
-        back = self.ulysses.all_to_all(buf)  # [U (source: its head group), B, S_l, H/U, D]
-        return back.permute(1, 2, 0, 3, 4).reshape(b, s, u * hu, d)  # [B, S_l, H, D]
+    def _ulysses(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                 attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """``attend(q, k, v, key_mask)`` on this rank's heads of the gathered sequence, Ulysses around it:
+        ``[B, S_l, H, D] -> [B, U * S_l, H/U, D] -> attend -> [B, S_l, H, D]``.
+
+        With ``chunks`` C > 1 the heads go in C groups: every group's all-to-all starts first (they queue on the
+        communication stream), then group i is attended while group i+1 is still in flight, and group i's output
+        goes back while group i+1 is attended; only the first input and the last output exchange stay exposed.
+        Head h of the model is head ``h % (H/C/U)`` of rank ``(h // (H/C/U)) % U`` in chunk ``h // (H/C)``; each
+        chunk is exact on its own, so the result does not depend on C."""
+        u, c = self.ulysses.size, self.chunks
+        b, s, h, d = q.shape
+        hu = h // (c * u)  # heads per rank per chunk
+        # q, k, v [B, S_l, H, D] -> [C, U, 3, B, S_l, H/(C U), D]: chunk j, slot m = the heads member m will own
+        buf = torch.stack([x.reshape(b, s, c, u, hu, d) for x in (q, k, v)]).permute(3, 4, 0, 1, 2, 5, 6).contiguous()
+        sent = [self._start_all_to_all(buf[j]) for j in range(c)]
+        if key_mask is not None:
+            key_mask = self._gather_mask(key_mask)  # [B, S_l] -> [B, U * S_l]
+        back = []
+        for finish in sent:
+            # [U (source: its sequence shard), 3, B, S_l, hu, D] -> [3, B, U * S_l, hu, D]: the U shards in source
+            # order = this rank's contiguous chunk of the sequence
+            got = finish().permute(1, 2, 0, 3, 4, 5).reshape(3, b, u * s, hu, d)
+            out = attend(got[0], got[1], got[2], key_mask)  # [B, U * S_l, hu, D]
+            # -> [U (destination: whose sequence shard), B, S_l, hu, D]
+            back.append(self._start_all_to_all(out.reshape(b, u, s, hu, d).permute(1, 0, 2, 3, 4)))
+        # each [U (source: its head group), B, S_l, hu, D] -> [B, S_l, U * hu, D]; chunks in head order
+        outs = [finish().permute(1, 2, 0, 3, 4).reshape(b, s, u * hu, d) for finish in back]
+        return outs[0] if c == 1 else torch.cat(outs, dim=2)
+
+    def _gather_mask(self, key_mask: torch.Tensor) -> torch.Tensor:
+        if self.traced:
+            return self.ulysses.all_gather_traced(key_mask, dim=1)
+        return self.ulysses.all_gather(key_mask, dim=1)
+
+    def _local(self, valid: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+        """The kernel on the gathered sequence, padded keys dropped (``valid``: positions of the real keys)."""
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+            k, v, key_mask = _select_keys(valid, k, v, key_mask)
+            return self.kernel(q, k, v, key_mask)
+
+        return attend
 
     # -- the joint call ----------------------------------------------------------------------------------------------
-    @torch.compiler.disable
     def joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        view = self.keys.view if self.traced else None
+        if view is None:
+            return self._joint_outside_graph(q, k, v, key_mask)
+        # traced Ulysses: every step traceable (functional all-to-alls, padding dropped by the view's index)
+        if k.shape[1] != view.local_len:
+            raise RuntimeError(f"joint attention got {k.shape[1]} local keys, but the plan's layout "
+                               f"{self.keys.plan.joint_layout} gives {view.local_len} on each rank")
+        return self._ulysses(q, k, v, key_mask, self._local(view.valid))
+
+    @torch.compiler.disable
+    def _joint_outside_graph(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             key_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.keys.sharded():  # a part of the model that runs whole on every rank
             return self.kernel(q, k, v, key_mask)
         local_len = k.shape[1]
         self.keys.check_local_length(local_len)
-        if self.ulysses.size > 1:
-            q, k, v = self._scatter_heads(q, k, v)  # [B, S_l, H, D] -> [B, U * S_l, H/U, D]
-            if key_mask is not None:
-                key_mask = self.ulysses.all_gather(key_mask, dim=1)  # [B, S_l] -> [B, U * S_l]
         if self.ring.size > 1:
-            out = self._ring(q, k, v, key_mask, local_len)
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
+                return self._ring(q, k, v, key_mask, local_len)
         else:
-            idx = self.keys.valid_index(self._shards(self.ring.rank), local_len, q.device)
-            k, v, key_mask = _select_keys(idx, k, v, key_mask)
-            out = self.kernel(q, k, v, key_mask)
-        if self.ulysses.size > 1:
-            out = self._gather_heads(out)  # [B, U * S_l, H/U, D] -> [B, S_l, H, D]
-        return out
+            attend = self._local(self.keys.valid_index(self._shards(0), local_len, q.device))
+        if self.ulysses.size == 1:
+            return attend(q, k, v, key_mask)
+        return self._ulysses(q, k, v, key_mask, attend)
 
     def _shards(self, ring_rank: int) -> list[int]:
         """Sequence-shard indices (sp ranks) held, in order, by ring member ``ring_rank`` after the all-to-all."""

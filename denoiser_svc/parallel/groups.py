@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from denoiser_svc.config import ParallelConfig
 from services.config import ConfigError
@@ -115,15 +116,33 @@ class RankGroup:
             return x.unsqueeze(0)
         return self.all_gather(x.unsqueeze(0), 0)
 
-    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
-        """``x[j]`` goes to member j; returns ``out[i]`` = what member i sent here (dim 0 of size ``size``)."""
+    def all_to_all_async(self, x: torch.Tensor, traced: bool = False) -> Callable[[], torch.Tensor]:
+        """Start ``all_to_all(x)``; returns ``finish()``, which yields the result (the exchange runs meanwhile: NCCL
+        on its own stream, gloo on its thread). ``traced``: as a functional collective, which ``torch.compile``
+        traces into the compiled graph (no graph break around it, so inductor fuses the copies on either side and
+        CUDA graphs can cover the whole block); run eagerly it is the same all-to-all."""
         if self.size == 1:
-            return x
+            return lambda: x
         assert x.shape[0] == self.size, f"all_to_all over {self.axis.name}: dim 0 is {x.shape[0]}, not {self.size}"
         x = x.contiguous()
+        if traced:
+            pending = funcol.all_to_all_single(x, None, None, self.group)
+            return lambda: funcol.wait_tensor(pending)
         out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=self.group)
-        return out
+        work = dist.all_to_all_single(out, x, group=self.group, async_op=True)
+
+        def finish() -> torch.Tensor:
+            work.wait()
+            return out
+
+        return finish
+
+    def all_gather_traced(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """``all_gather`` as a functional collective (see ``all_to_all_async``)."""
+        if self.size == 1:
+            return x
+        out = funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, self.group))  # [P * d0, ...]
+        return out.view(self.size, *x.shape).movedim(0, dim).flatten(dim, dim + 1)
 
     def ring_pass(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Start sending ``x`` to the next member and receiving the previous member's; returns ``wait()`` which

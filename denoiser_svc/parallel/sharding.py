@@ -10,7 +10,7 @@ Per transformer call:
 - at every gather point (``SeqGather``) the shards are all-gathered (``[B, Lp / P, C] -> [B, Lp, C]``) and the
   padding is cut off, so the rest of the model and the scheduler see exactly the unsharded tensor.
 
-The attention wrapper asks this object (as ``KeyLayout``) where the padded keys are: a rank's joint-attention
+The attention wrapper asks this object (its key layout) where the padded keys are: a rank's joint-attention
 sequence is the concatenation, in ``plan.joint_layout`` order, of its shard of each segment, and padding sits at the
 end of each segment's last shards. That is host-side knowledge (shapes only), so dropping padded keys costs no
 device synchronisation.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,6 +52,11 @@ def check_layout(config: ParallelConfig, adapter: FamilyAdapter, component: str)
         raise ConfigError(f"parallel.ulysses_degree={config.ulysses_degree} must divide the model's "
                           f"{plan.num_heads} attention heads (Ulysses gives each rank heads/ulysses_degree heads); "
                           f"use a divisor of {plan.num_heads}, or ring_degree for the rest")
+    chunks = config.ulysses_chunks if config.ulysses_degree > 1 else 1
+    if plan.num_heads % (config.ulysses_degree * chunks):
+        raise ConfigError(f"parallel.ulysses_degree={config.ulysses_degree} x parallel.ulysses_chunks={chunks} must "
+                          f"divide the model's {plan.num_heads} attention heads (each chunk gives every rank the "
+                          f"same number of heads); lower ulysses_chunks")
     return plan
 
 
@@ -90,13 +95,29 @@ def _match(parts: list[str], pattern: list[str]) -> bool:
     return len(parts) == len(pattern) and all(p == "*" or p == n for n, p in zip(parts, pattern, strict=True))
 
 
+class UlyssesView(NamedTuple):
+    """This call's joint-attention keys as a rank sees them after a Ulysses all-to-all over the whole
+    sequence-parallel group (ring degree 1): immutable, rebuilt eagerly at every split, read by the traced Ulysses
+    path inside compiled blocks (``torch.compile`` guards on it: the same lengths reuse the same graph)."""
+
+    local_len: int
+    """Joint keys per rank before the all-to-all (the sum of this rank's shards of the joint segments)."""
+    valid: torch.Tensor | None
+    """Positions of the real keys in the gathered sequence (a device tensor, cached per layout); None when nothing
+    is padded."""
+
+
 class SequenceSharder:
-    """Installs the plan's hooks on a loaded model and holds the per-call segment state (the ``KeyLayout``)."""
+    """Installs the plan's hooks on a loaded model and holds the per-call segment state (the key layout the
+    attention wrapper reads)."""
 
     def __init__(self, plan: SequenceParallelPlan, group: RankGroup):
         self.plan = plan
         self.group = group
         self._segments: dict[str, _Segment] | None = None
+        self.view: UlyssesView | None = None
+        """Set once every joint segment of this call was split (see ``UlyssesView``); None outside a call and in
+        the parts of a model that run ahead of the split."""
         self._index_cache: dict[tuple, torch.Tensor | None] = {}
         self._handles: list[Any] = []
 
@@ -133,6 +154,14 @@ class SequenceSharder:
 
     def _reset(self) -> None:
         self._segments = None
+        self.view = None
+
+    def _update_view(self, device: torch.device) -> None:
+        if self._segments is None or not all(name in self._segments for name in self.plan.joint_layout):
+            self.view = None
+            return
+        local = sum(self._segments[name].local for name in self.plan.joint_layout)
+        self.view = UlyssesView(local, self.valid_index(list(range(self.group.size)), local, device))
 
     # -- splitting and gathering -------------------------------------------------------------------------------------
     def _segment(self, name: str, full: int) -> _Segment:
@@ -150,6 +179,11 @@ class SequenceSharder:
     @torch.compiler.disable
     def split(self, x: torch.Tensor, spec: SeqSplit) -> torch.Tensor:
         """This rank's shard of ``x`` along ``spec.dim`` (zero-padded at the end to a multiple of the degree)."""
+        out = self._split_segments(x, spec)
+        self._update_view(x.device)
+        return out
+
+    def _split_segments(self, x: torch.Tensor, spec: SeqSplit) -> torch.Tensor:
         dim = spec.dim % x.ndim
         if isinstance(spec.segment, str):
             return self._split(x, dim, self._segment(spec.segment, x.shape[dim]))
@@ -219,7 +253,7 @@ class SequenceSharder:
 
         return hook
 
-    # -- KeyLayout: where the padded keys are -------------------------------------------------------------------------
+    # -- key layout: where the padded keys are -------------------------------------------------------------------------
     def _joint_segments(self) -> list[_Segment]:
         if self._segments is None:
             raise RuntimeError("sequence-parallel attention ran outside a sharded transformer call (no split hook ran)")

@@ -27,7 +27,8 @@ PROMPT = "a red circle on the left of a blue square"
 NEGATIVE = "gray"
 STEPS = 3
 
-LAYOUTS_2 = {"cfg2": {"cfg_degree": 2}, "ulysses2": {"ulysses_degree": 2}, "ring2": {"ring_degree": 2}}
+LAYOUTS_2 = {"cfg2": {"cfg_degree": 2}, "ulysses2": {"ulysses_degree": 2}, "ring2": {"ring_degree": 2},
+             "ulysses2-chunks2": {"ulysses_degree": 2, "ulysses_chunks": 2}}
 LAYOUTS_4 = {"cfg2-ulysses2": {"cfg_degree": 2, "ulysses_degree": 2}, "ulysses4": {"ulysses_degree": 4},
              "ring4": {"ring_degree": 4}, "ulysses2-ring2": {"ulysses_degree": 2, "ring_degree": 2}}
 
@@ -42,6 +43,11 @@ class Case:
     jobs: list[DenoiseJob]
     overrides: list[str] = dataclasses.field(default_factory=list)
     """Further ``key=value`` denoiser config overrides of every rank (e.g. ``runtime.compile=on``)."""
+
+    @property
+    def heads_needed(self) -> int:
+        """Attention heads the layout needs (Ulysses degree x head chunks)."""
+        return self.layout.get("ulysses_degree", 1) * self.layout.get("ulysses_chunks", 1)
 
     @property
     def world_size(self) -> int:
@@ -123,7 +129,7 @@ def make_job(adapter: FamilyAdapter, request_id: str = "job") -> DenoiseJob:
 
 def family_cases(family: str, checkpoint: Path, widened: Path) -> list[Case]:
     """Every layout this checkpoint supports at world sizes 2 and 4 (cfg needs true CFG; sequence layouts a plan;
-    Ulysses over 4 ranks a copy of the checkpoint with 4 heads, made at ``widened``)."""
+    Ulysses over 4 ranks, or over 2 in 2 head chunks, a copy of the checkpoint with 4 heads, made at ``widened``)."""
     adapter = load_adapter(checkpoint)
     has_cfg = adapter.limits().guidance_kind == "cfg"
     has_plan = adapter.sequence_parallel_plan("transformer") is not None
@@ -134,8 +140,10 @@ def family_cases(family: str, checkpoint: Path, widened: Path) -> list[Case]:
             continue
         if (layout.get("ulysses_degree", 1) > 1 or layout.get("ring_degree", 1) > 1) and not has_plan:
             continue
-        ckpt = widen_heads(checkpoint, widened, heads=4) if layout.get("ulysses_degree", 1) == 4 else checkpoint
-        cases.append(Case(f"{family}-{name}", family, ckpt, "transformer", layout, [job]))
+        case = Case(f"{family}-{name}", family, checkpoint, "transformer", layout, [job])
+        if case.heads_needed > 2:
+            case.checkpoint = widen_heads(checkpoint, widened, heads=4)
+        cases.append(case)
     return cases
 
 

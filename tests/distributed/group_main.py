@@ -8,7 +8,8 @@ torch.distributed state; forking saves each rank the ~5 s import, which on a 2-c
 run time). With ``--device cuda`` (tests/gpu) the ranks are spawned instead, rank r on ``cuda:r``, over NCCL.
 
 SPEC (``torch.save``): ``{"cases": [{"name", "checkpoint", "component", "layout": {...}, "jobs": [DenoiseJob]}]}``.
-OUT/<case>/<request_id>.rank<R>.pt: the latents. Any error exits 1 (the test shows the output).
+OUT/<case>/<request_id>.rank<R>.pt: the latents; OUT/<case>/graph_breaks.rank<R>: the graph breaks torch.compile hit
+while running the case's jobs. Any error exits 1 (the test shows the output).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str, device: 
     from denoiser_svc.parallel.groups import ParallelGroups
     from denoiser_svc.worker import Worker
     from services.config import load_config
+    from services.runtime import graph_breaks
 
     host, port = master.rsplit(":", 1)
     store = dist.TCPStore(host, int(port), world, is_master=False, timeout=datetime.timedelta(seconds=120))
@@ -52,15 +54,18 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str, device: 
         worker.init_device()
         worker.load_model()
         if case.get("overrides"):  # runtime settings: choose kernels and compile as a serving rank does (no warm-up job)
+            torch._dynamo.reset()  # compile afresh, as a serving process does (no graphs cached by an earlier case)
             worker.compile_or_warm_up_model(None)
         folder = out / case["name"]
         folder.mkdir(parents=True, exist_ok=True)
+        breaks = graph_breaks()
         for job in case["jobs"]:
             worker.add_request(job)
             for step in range(job.start_step, job.end_step):
                 worker.execute_step(job.request_id, step).wait()
             latents = worker.finish_request(job.request_id).latents
             torch.save(latents, folder / f"{job.request_id}.rank{rank}.pt")
+        (folder / f"graph_breaks.rank{rank}").write_text(str(graph_breaks() - breaks))
         worker.shutdown()
         dist.barrier()
         print(f"case {case['name']}: {time.perf_counter() - t0:.1f} s", flush=True)

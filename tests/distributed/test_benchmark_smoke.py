@@ -16,15 +16,15 @@ pytestmark = pytest.mark.distributed
 
 def test_parallel_benchmark_cpu_smoke(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, "benchmarks/parallel.py", "--device", "cpu", "--tiny", "--results",
-                           str(results)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "benchmarks/parallel.py", "--device", "cpu", "--tiny", "--trace-collectives",
+                           "both", "--results", str(results)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     text = results.read_text()
     assert "## Multi-GPU (issue 4)" in text
     rows = {tuple(cell.strip() for cell in line.split("|")[1:5]) for line in text.splitlines()
             if line.startswith("| flux") or line.startswith("| wan")}
     expected = {("flux", "ours", "single", "1"), ("flux", "diffusers", "single", "1"),
-                ("flux", "ours", "ulysses2", "2"), ("flux", "ours", "ring2", "2"),
+                ("flux", "ours", "ulysses2", "2"), ("flux", "ours", "ulysses2-untraced", "2"), ("flux", "ours", "ring2", "2"),
                 ("flux", "diffusers", "ulysses2", "2"), ("flux", "diffusers", "ring2", "2"),
                 ("wan", "ours", "single", "1"), ("wan", "diffusers", "single", "1"),
                 ("wan", "ours", "ulysses2", "2"), ("wan", "ours", "ring2", "2"), ("wan", "ours", "cfg2", "2"),

@@ -2,7 +2,8 @@
 parallel wrappers; distributed parts stay outside the compiled graph"): a group of 2 real rank processes (gloo),
 each rank choosing its kernels and compiling its repeated blocks with inductor as a serving rank does, returns what
 one eager process returns. Flux covers joint attention under Ulysses and Ring, Wan self- and cross-attention under
-Ulysses.
+Ulysses (also in two pipelined head chunks). Ulysses traces its all-to-alls into the compiled blocks (no graph break, counted by dynamo); with
+``parallel.trace_collectives=false`` and under Ring the collectives stay outside and break the graph.
 
 Tolerance: float32, <= 1e-5 relative on the final latents, as for the eager groups (test_group_exactness.py):
 inductor fuses elementwise work and may reorder its float32 arithmetic (~1e-7), and sharding reorders the sums
@@ -16,21 +17,30 @@ import pytest
 import torch
 
 from services.registry import load_adapter
-from tests.distributed.cases import Case, build_checkpoint, make_job, reference, run_pool
+from tests.distributed.cases import Case, build_checkpoint, make_job, reference, run_pool, widen_heads
 from tests.reference import rel_err
 
 pytestmark = pytest.mark.distributed
 
 COMPILE = ["runtime.compile=on"]
-LAYOUTS = {"flux-ulysses2": ("flux", {"ulysses_degree": 2}), "flux-ring2": ("flux", {"ring_degree": 2}),
-           "wan-ulysses2": ("wan", {"ulysses_degree": 2})}
+UNTRACED = [*COMPILE, "parallel.trace_collectives=false"]
+LAYOUTS = {"flux-ulysses2": ("flux", {"ulysses_degree": 2}, COMPILE),
+           "flux-ulysses2-untraced": ("flux", {"ulysses_degree": 2}, UNTRACED),
+           "flux-ulysses2-chunks2": ("flux", {"ulysses_degree": 2, "ulysses_chunks": 2}, COMPILE),
+           "flux-ring2": ("flux", {"ring_degree": 2}, COMPILE),
+           "wan-ulysses2": ("wan", {"ulysses_degree": 2}, COMPILE)}
+TRACED = {"flux-ulysses2", "flux-ulysses2-chunks2", "wan-ulysses2"}
+"""Cases whose blocks must compile to one graph each: Ulysses through functional collectives. The others keep their
+collectives outside the graph, which breaks it (and shows that the count measures what it should)."""
 
 
 def test_compiled_group_equals_eager_single_process(checkpoints_dir: Path, tmp_path: Path) -> None:
     cases = []
-    for name, (family, layout) in LAYOUTS.items():
+    for name, (family, layout, overrides) in LAYOUTS.items():
         ckpt = build_checkpoint(family, checkpoints_dir)
-        cases.append(Case(name, family, ckpt, "transformer", layout, [make_job(load_adapter(ckpt), name)], COMPILE))
+        if layout.get("ulysses_chunks", 1) > 1:  # 2 ranks x 2 head chunks: 4 heads (the tiny checkpoints have 2)
+            ckpt = widen_heads(ckpt, checkpoints_dir / f"tiny-{family}-heads4", heads=4)
+        cases.append(Case(name, family, ckpt, "transformer", layout, [make_job(load_adapter(ckpt), name)], overrides))
     out = run_pool(cases, 2, tmp_path / "pool")
     log = (tmp_path / "pool" / "group.log").read_text(errors="replace")
     assert log.count("compiled_blocks=") == 2 * len(cases), "every rank of every case compiles its blocks"
@@ -39,9 +49,12 @@ def test_compiled_group_equals_eager_single_process(checkpoints_dir: Path, tmp_p
         (job,) = case.jobs
         ranks = [torch.load(out / case.name / f"{job.request_id}.rank{r}.pt") for r in range(2)]
         err = rel_err(ranks[0], reference(case.checkpoint, job))
-        report.append(f"{case.name}: rel err {err:.2e}")
+        breaks = [int((out / case.name / f"graph_breaks.rank{r}").read_text()) for r in range(2)]
+        report.append(f"{case.name}: rel err {err:.2e}, graph breaks per rank {breaks}")
         if not err <= 1e-5:
             failures.append(f"{case.name}: rel err {err:.2e} > 1e-5")
+        if (case.name in TRACED) != (breaks == [0, 0]):
+            failures.append(f"{case.name}: graph breaks {breaks}, expected {'none' if case.name in TRACED else 'some'}")
         if not torch.equal(ranks[0], ranks[1]):
             failures.append(f"{case.name}: ranks disagree")
     print("\n".join(report))

@@ -44,6 +44,7 @@ def test_accessors_are_generated_and_name_their_group() -> None:
 @pytest.mark.parametrize(("overrides", "message"), [
     (["parallel.cfg_degree=3"], "parallel.cfg_degree must be 1 or 2"),
     (["parallel.ulysses_degree=0"], "parallel.ulysses_degree must be >= 1"),
+    (["parallel.ulysses_chunks=0"], "parallel.ulysses_chunks must be >= 1"),
     (["parallel.ring_degree=2", "model.device=cuda:1"], "pins one GPU"),
     (["parallel.ring_degree=2", "model.device=cpu", "parallel.backend=nccl"], "needs CUDA"),
     (["parallel.backend=mpi"], "parallel.backend must be one of"),
@@ -61,6 +62,10 @@ def test_model_checks(tiny_flux: Path, checkpoints_dir: Path) -> None:
     with pytest.raises(ConfigError, match="ulysses_degree=4 must divide the model's 2 attention heads"):
         check_layout(ParallelConfig(ulysses_degree=4), flux, "transformer")
     assert check_layout(ParallelConfig(ulysses_degree=2, ring_degree=2), flux, "transformer") is not None
+    with pytest.raises(ConfigError, match="ulysses_degree=2 x parallel.ulysses_chunks=2 must divide the model's 2"):
+        check_layout(ParallelConfig(ulysses_degree=2, ulysses_chunks=2), flux, "transformer")
+    # chunks only split Ulysses exchanges: without Ulysses they are ignored
+    assert check_layout(ParallelConfig(ring_degree=2, ulysses_chunks=2), flux, "transformer") is not None
     z_image = load_adapter(build_checkpoint("z_image", checkpoints_dir))
     assert check_layout(ParallelConfig(cfg_degree=2, ring_degree=2), z_image, "transformer") is not None
     with pytest.raises(ConfigError, match="ulysses_degree=3 must divide the model's 2 attention heads"):

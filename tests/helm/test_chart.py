@@ -86,7 +86,7 @@ def test_rendered_configs_load_with_the_service_config_classes(helm: str) -> Non
     docs = render(helm, "models[0].name=flux-dev", "models[0].checkpoint=/models/flux",
                   "models[1].name=wan", "models[1].checkpoint=/models/wan",
                   "models[1].denoiser.gpus=4", "models[1].denoiser.parallel.ulysses_degree=2",
-                  "models[1].denoiser.parallel.cfg_degree=2")
+                  "models[1].denoiser.parallel.cfg_degree=2", "models[1].denoiser.parallel.ulysses_chunks=3")
     data = by_kind(docs, "ConfigMap")["rel-chitu-config"]["data"]
     orch = from_dict(OrchestratorConfig, yaml.safe_load(data["orchestrator.yaml"]))
     services = set(by_kind(docs, "Service"))
@@ -101,6 +101,7 @@ def test_rendered_configs_load_with_the_service_config_classes(helm: str) -> Non
             assert cfg.model.name == model and cfg.server.host == "0.0.0.0" and cfg.server.metrics_port == 9400
     wan = from_dict(DenoiserServiceConfig, yaml.safe_load(data["wan-denoiser.yaml"]))
     assert (wan.parallel.cfg_degree, wan.parallel.ulysses_degree, wan.parallel.ring_degree) == (2, 2, 1)
+    assert wan.parallel.ulysses_chunks == 3
     dep = by_kind(docs, "Deployment")["rel-chitu-wan-denoiser"]
     assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
 
