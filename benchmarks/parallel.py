@@ -6,7 +6,8 @@ Models: the real-size Flux.1-dev transformer at 1024^2 (4096 image + 512 text to
 (``--attention``: ours from the kernel registry, diffusers' matching backend) and the same compile setting
 (``--compile``: regional ``torch.compile`` of the repeated blocks, applied to both; ``--cuda-graphs``: inductor's
 CUDA-graph trees around the compiled blocks, both sides). ``--trace-collectives both`` runs each of our Ulysses
-layouts twice: all-to-alls traced into the compiled blocks (the default) and kept outside them (``-untraced``).
+layouts twice: all-to-alls traced into the compiled blocks (the default) and kept outside them (``-untraced``);
+``--ulysses-chunks 1,3`` runs them once per head-chunk count (``-c3``: exchanges overlapped with attention).
 
     python benchmarks/parallel.py                          # GPU: 1, 2, 4 GPUs; appends rows to benchmarks/RESULTS.md
     python benchmarks/parallel.py --device cpu --tiny      # the same code on tiny models, gloo, 1 and 2 ranks (CI)
@@ -291,23 +292,36 @@ def phases(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
 
 
 # -- our group ------------------------------------------------------------------------------------------------------
-def our_layouts(spec: Spec, world: int, trace: str = "on") -> list[tuple[str, dict[str, Any]]]:
+def our_layouts(spec: Spec, world: int, trace: str = "on", chunks: tuple[int, ...] = (1,)
+                ) -> list[tuple[str, dict[str, Any]]]:
+    """Our configurations at ``world`` ranks; every pure-Ulysses one once per traced/untraced variant (``trace``)
+    and per head-chunk count in ``chunks`` that divides the heads (named ``-c<chunks>``)."""
     if world == 1:
         return [("single", {})]
     out: list[tuple[str, dict[str, Any]]] = []
+
+    def ulysses(name: str, layout: dict[str, Any]) -> None:
+        for c in chunks:
+            if spec.heads % (layout["ulysses_degree"] * c):
+                continue
+            suffix = f"-c{c}" if c > 1 else ""
+            chunked = {**layout, "ulysses_chunks": c} if c > 1 else layout
+            if trace in ("on", "both"):
+                out.append((name + suffix, chunked))
+            if trace in ("off", "both"):
+                out.append((f"{name}{suffix}-untraced", {**chunked, "trace_collectives": "false"}))
+
     if spec.heads % world == 0:
-        if trace in ("on", "both"):
-            out.append((f"ulysses{world}", {"ulysses_degree": world}))
-        if trace in ("off", "both"):
-            out.append((f"ulysses{world}-untraced", {"ulysses_degree": world, "trace_collectives": "false"}))
+        ulysses(f"ulysses{world}", {"ulysses_degree": world})
     out.append((f"ring{world}", {"ring_degree": world}))
     if world >= 4 and spec.heads % (world // 2) == 0:
         out.append((f"ulysses{world // 2}xring2", {"ulysses_degree": world // 2, "ring_degree": 2}))
     if spec.cfg:
         half = world // 2
-        name = "cfg2" if half == 1 else f"cfg2xulysses{half}"
-        if spec.heads % half == 0:
-            out.append((name, {"cfg_degree": 2, "ulysses_degree": half}))
+        if half == 1:
+            out.append(("cfg2", {"cfg_degree": 2}))
+        elif spec.heads % half == 0:
+            ulysses(f"cfg2xulysses{half}", {"cfg_degree": 2, "ulysses_degree": half})
     return out
 
 
@@ -336,7 +350,7 @@ def run_ours(spec: Spec, handle: Any, world: int, rank: int, device: torch.devic
     from services.runtime import regional_compile
 
     rows = []
-    for name, layout in our_layouts(spec, world, args.trace_collectives):
+    for name, layout in our_layouts(spec, world, args.trace_collectives, args.ulysses_chunks):
         overrides = [f"model.checkpoint={spec.checkpoint}", f"model.device={device.type}", f"model.dtype={args.dtype}",
                      "warmup=false", f"runtime.attention_backend={args.attention}", f"runtime.compile={args.compile}",
                      f"runtime.cuda_graphs={str(args.cuda_graphs).lower()}",
@@ -561,12 +575,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA-graph trees around the compiled blocks (both sides)")
     p.add_argument("--trace-collectives", choices=["on", "off", "both"], default="on",
                    help="our Ulysses all-to-alls traced into the compiled blocks, kept outside, or both variants")
+    p.add_argument("--ulysses-chunks", default="1",
+                   help="head-chunk counts to run each of our Ulysses layouts with, comma-separated (e.g. 1,3)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="timed forwards per configuration")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = p.parse_args(argv)
+    args.ulysses_chunks = tuple(int(c) for c in args.ulysses_chunks.split(","))
     if args.cuda_graphs and args.compile != "on":
         p.error("--cuda-graphs needs --compile on (the graphs wrap the compiled blocks)")
     cuda = args.device == "cuda"

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.distributed
 def test_parallel_benchmark_cpu_smoke(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     proc = subprocess.run([sys.executable, "benchmarks/parallel.py", "--device", "cpu", "--tiny", "--trace-collectives",
-                           "both", "--results", str(results)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "both", "--ulysses-chunks", "1,2", "--results", str(results)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     text = results.read_text()
     assert "## Multi-GPU (issue 4)" in text
