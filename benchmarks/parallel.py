@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,7 +366,9 @@ def run_ours(spec: Spec, handle: Any, world: int, rank: int, device: torch.devic
             worker.adapter.install_attention(handle, worker.attention_ops())
             if config.runtime.compile_enabled(device):
                 regional_compile(worker.transformer_of(handle), config.runtime, device)
-            rows.append(_measure_ours(Row(spec.name, "ours", name, world), worker, spec, device, args))
+            row = Row(spec.name, "ours", name, world)
+            with compile_scope(row, args):
+                rows.append(_measure_ours(row, worker, spec, device, args))
         except Exception as exc:  # noqa: BLE001 - one failing configuration is reported, the run goes on
             rows.append(Row(spec.name, "ours", name, world, note=f"failed: {type(exc).__name__}: {exc}"[:300]))
             traceback.print_exc()
@@ -425,7 +427,8 @@ def run_diffusers(spec: Spec, models: list[Any], world: int, rank: int, device: 
                 transformer.enable_parallelism(config=ContextParallelConfig(**cp))
             if args.compile == "on":
                 regional_compile(transformer, RuntimeConfig(compile="on", cuda_graphs=args.cuda_graphs), device)
-            _measure_diffusers(row, handle, spec, device, args)
+            with compile_scope(row, args):
+                _measure_diffusers(row, handle, spec, device, args)
         except Exception as exc:  # noqa: BLE001
             row.note = f"failed: {type(exc).__name__}: {exc}"[:300]
             traceback.print_exc()
@@ -461,6 +464,22 @@ def _measure_diffusers(row: Row, handle: Any, spec: Spec, device: torch.device, 
     row.step_s = timed(step, device, 1, args.steps)
     row.phases_ms = phases(forward, device)
     return row
+
+
+@contextlib.contextmanager
+def compile_scope(row: Row, args: argparse.Namespace) -> Iterator[None]:
+    """One configuration's compilation: dynamo's caches start empty (graphs of earlier configurations would count
+    against its per-function recompile limit, past which later configurations silently run eager), and the graph
+    breaks it hits go into the row's note."""
+    if args.compile != "on":
+        yield
+        return
+    from services.runtime import graph_breaks
+
+    torch._dynamo.reset()
+    before = graph_breaks()
+    yield
+    row.note = f"{graph_breaks() - before} graph breaks"
 
 
 def mark_graph_step(args: argparse.Namespace) -> None:
