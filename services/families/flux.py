@@ -27,7 +27,7 @@ from services.families.base import (
 )
 from services.families.cache_spec import CacheSpec, block_counts
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
-from services.families.step_constants import StepConstant, using
+from services.families.step_constants import StepConstant, StepTable, using
 
 
 class FluxAdapter(FamilyAdapter):
@@ -118,6 +118,12 @@ class FluxAdapter(FamilyAdapter):
         # constant across steps, computed once per request in prepare: rotary embedding and text context embedding
         pipe.step_constants = {"rope": StepConstant(pipe.transformer.pos_embed),
                                "context": StepConstant(pipe.transformer.context_embedder)}
+        # known for every step in advance, computed for all of a request's steps at once in prepare: the time/guidance/
+        # pooled-text embedding and every block's AdaLN modulation projection (27 % of Flux.1-dev's weights)
+        t = pipe.transformer
+        pipe.step_table = StepTable(t.time_text_embed, [
+            *(m for blk in t.transformer_blocks for m in (blk.norm1.linear, blk.norm1_context.linear)),
+            *(blk.norm.linear for blk in t.single_transformer_blocks), t.norm_out.linear])
         return pipe
 
     def prepare(self, model: Any, params: SamplingParams, conditionings: dict[str, torch.Tensor],
@@ -168,6 +174,16 @@ class FluxAdapter(FamilyAdapter):
                 extras["step_constants"] = {
                     branch: [(constants["rope"], rope), (constants["context"], constants["context"].compute(embeds))]
                     for branch, (embeds, _, _) in texts.items()}
+        table = getattr(model, "step_table", None)
+        if table is not None:  # the forward's own arithmetic on the timestep and guidance, for all steps at once
+            n = end_step - start_step
+            with torch.inference_mode():
+                args = [(timesteps[start_step:end_step].to(dtype) / 1000).to(dtype) * 1000]
+                if guidance is not None:
+                    args.append(torch.full([n], params.guidance_scale, device=device, dtype=torch.float32).to(dtype)
+                                * 1000)
+                extras["step_tables"] = {branch: table.compute(*args, pool.expand(n, -1))
+                                         for branch, (_, pool, _) in texts.items()}
         return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, branch_inputs=inputs,
                             guidance_scale=params.guidance_scale, do_cfg=do_cfg, start_step=start_step,
                             end_step=end_step, total_steps=params.steps, extras=extras)
@@ -228,7 +244,11 @@ class FluxAdapter(FamilyAdapter):
     def forward(self, model: Any, state: DenoiseState, latents: torch.Tensor, step: int, branch: Branch) -> torch.Tensor:
         # no host-device synchronisation: the timestep is indexed on the device, constants come from prepare
         timestep = state.timesteps[step].expand(latents.shape[0]).to(latents.dtype)
-        with using(state.extras.get("step_constants", {}).get(branch, [])):
+        served = state.extras.get("step_constants", {}).get(branch, [])
+        tables = state.extras.get("step_tables", {}).get(branch)
+        if tables is not None and state.start_step <= step < state.end_step:
+            served = [*served, *StepTable.rows(tables, step - state.start_step, latents.shape[0])]
+        with using(served):
             return model.transformer(hidden_states=latents, timestep=timestep / 1000, return_dict=False,
                                      **state.branch_inputs[branch])[0]
 
