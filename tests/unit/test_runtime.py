@@ -154,6 +154,8 @@ def test_worker_applies_the_runtime_config(tiny_flux, flux, runtime: RuntimeConf
     assert facts["attention_source"] == ("auto" if runtime.attention_backend == "auto" else "config")
     assert "joint B=1 Sq=" in facts.get("attention_shapes", "joint B=1 Sq=")
     assert ("compiled_blocks" in facts) == (runtime.compile == "on")
+    # the warm-up counts the graph breaks of the compiled blocks: none in a single process
+    assert facts.get("compile_graph_breaks", "absent") == ("0" if runtime.compile == "on" else "absent")
     assert facts.get("fused_attention_modules", "0") == ("3" if runtime.fuse_qkv else "0")
     ours = _run(worker, conds)
     assert float((ours - reference).norm() / reference.norm()) < 1e-5
