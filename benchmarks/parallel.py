@@ -114,14 +114,14 @@ def _config_only_checkpoint(folder: Path, pipeline: str, components: dict[str, t
 def flux_spec(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, workdir: Path, rank: int) -> Spec:
     import diffusers
 
-    from services.assets import build_tiny
+    from services.assets import build_tiny, widen_heads
     from services.families.flux import FluxAdapter
     from services.tiny.flux import flux_scheduler
 
     if args.tiny:
-        folder = workdir / "tiny-flux"
+        folder = workdir / "tiny-flux-heads4"  # 4 heads: Ulysses over 2 ranks in 2 head chunks can run
         if rank == 0:
-            build_tiny("flux", folder)
+            widen_heads(build_tiny("flux", workdir / "tiny-flux"), folder, heads=4)
         dist.barrier()
         adapter = FluxAdapter(folder)
 

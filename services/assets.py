@@ -41,6 +41,40 @@ def build_tiny(family: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def widen_heads(checkpoint: Path, out: Path, heads: int, seed: int = 0) -> Path:
+    """A copy of the (tiny) ``checkpoint`` whose transformer has ``heads`` attention heads, same head size, fresh
+    random weights, other components unchanged: the tiny transformers have 2 heads, too few for Ulysses over 4 ranks
+    or in head chunks. Atomic like ``build_tiny``; an existing ``out`` is reused."""
+    import diffusers
+    import torch
+
+    if (out / "model_index.json").is_file():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+        cfg = json.loads((tmp / "transformer" / "config.json").read_text())
+        cls = getattr(diffusers, cfg["_class_name"])
+        if "n_heads" in cfg:  # Z-Image: width = heads x head size
+            head_dim = cfg["dim"] // cfg["n_heads"]
+            cfg.update(n_heads=heads, n_kv_heads=heads, dim=heads * head_dim)
+        else:
+            cfg["num_attention_heads"] = heads
+        torch.manual_seed(seed)
+        model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+        shutil.rmtree(tmp / "transformer")
+        model.save_pretrained(tmp / "transformer", safe_serialization=True)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "model_index.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def default_checkpoint(embedded: Path = EMBEDDED_CHECKPOINT) -> Path:
     """The embedded default model folder: the trained ``chitu-shapes-flux`` checkpoint when the repo has it, else the
     tiny random-weight Flux checkpoint (built into the cache if needed)."""

@@ -4,9 +4,7 @@ single-process references, and a runner for pools of real rank processes (``grou
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,7 @@ import torch.distributed as dist
 from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.types import DenoiseJob
 from denoiser_svc.worker import Worker
-from services.assets import build_tiny
+from services.assets import build_tiny, widen_heads
 from services.config import load_config
 from services.families.base import FamilyAdapter, SamplingParams
 from services.registry import load_adapter
@@ -65,34 +63,6 @@ def tiny_checkpoints() -> list[str]:
     from services.tiny import builders
 
     return sorted(builders())
-
-
-def widen_heads(checkpoint: Path, out: Path, heads: int, seed: int = 0) -> Path:
-    """A copy of ``checkpoint`` whose transformer has ``heads`` attention heads (same head size; the tiny transformers
-    have 2, too few for Ulysses over 4 ranks) with fresh random weights; other components are unchanged."""
-    if (out / "model_index.json").is_file():
-        return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.copytree(checkpoint, tmp)
-    cfg_path = tmp / "transformer" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    import diffusers
-
-    cls = getattr(diffusers, cfg["_class_name"])
-    if "n_heads" in cfg:  # Z-Image: width = heads x head size
-        head_dim = cfg["dim"] // cfg["n_heads"]
-        cfg.update(n_heads=heads, n_kv_heads=heads, dim=heads * head_dim)
-    else:
-        cfg["num_attention_heads"] = heads
-    torch.manual_seed(seed)
-    model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
-    shutil.rmtree(tmp / "transformer")
-    model.save_pretrained(tmp / "transformer", safe_serialization=True)
-    try:
-        tmp.rename(out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _odd_length(conds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

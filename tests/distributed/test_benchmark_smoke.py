@@ -25,7 +25,8 @@ def test_parallel_benchmark_cpu_smoke(tmp_path: Path) -> None:
     rows = {tuple(cell.strip() for cell in line.split("|")[1:5]) for line in text.splitlines()
             if line.startswith("| flux") or line.startswith("| wan")}
     expected = {("flux", "ours", "single", "1"), ("flux", "diffusers", "single", "1"),
-                ("flux", "ours", "ulysses2", "2"), ("flux", "ours", "ulysses2-untraced", "2"), ("flux", "ours", "ring2", "2"),
+                ("flux", "ours", "ulysses2", "2"), ("flux", "ours", "ulysses2-untraced", "2"),
+                ("flux", "ours", "ulysses2-c2", "2"), ("flux", "ours", "ulysses2-c2-untraced", "2"), ("flux", "ours", "ring2", "2"),
                 ("flux", "diffusers", "ulysses2", "2"), ("flux", "diffusers", "ring2", "2"),
                 ("wan", "ours", "single", "1"), ("wan", "diffusers", "single", "1"),
                 ("wan", "ours", "ulysses2", "2"), ("wan", "ours", "ring2", "2"), ("wan", "ours", "cfg2", "2"),
