@@ -630,9 +630,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="chitu-bench-parallel-") as tmp:
         args.workdir = tmp
+        partial = Path(args.results).with_suffix(".partial.md")
         for world in worlds:
             rows += launch(world, args)
             print(f"-- {world} rank(s) done at {time.perf_counter() - t0:.0f} s", flush=True)
+            # what is measured so far survives a run cut short by a time limit
+            partial.write_text(f"partial: {card}, {' '.join(sys.argv[1:])}\n\n" + "\n".join(table(rows, card, args))
+                               + "\n")
+    partial.unlink(missing_ok=True)
     lines = table(rows, card, args)
     print("\n".join(lines))
     write_results(Path(args.results), lines, card, args)

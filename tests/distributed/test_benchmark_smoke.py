@@ -21,6 +21,7 @@ def test_parallel_benchmark_cpu_smoke(tmp_path: Path) -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     text = results.read_text()
+    assert not results.with_suffix(".partial.md").exists()  # written after each world size, removed at the end
     assert "## Multi-GPU (issue 4)" in text
     rows = {tuple(cell.strip() for cell in line.split("|")[1:5]) for line in text.splitlines()
             if line.startswith("| flux") or line.startswith("| wan")}
