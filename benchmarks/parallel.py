@@ -20,7 +20,9 @@ slowest rank's):
 - step: one denoising step (ours: ``Worker.execute_step``: every CFG branch this rank owns, the CFG all-gather,
   the scheduler; diffusers: each branch's forward, the CFG mix and the scheduler, as its pipeline loop does);
 - a per-phase breakdown of one profiled forward (torch.profiler, rank 0): collectives (all-to-all, all-gather,
-  p2p), attention kernels, linear (GEMM) kernels, other kernels, and idle (wall time with no kernel running).
+  p2p; kernel time, which includes waiting for the slowest peer), exposed communication (time when only
+  collectives run: what overlap does not hide), attention kernels, linear (GEMM) kernels, other kernels, and idle
+  (wall time with no kernel running: the host did not keep the device busy).
 
 Speed-ups are against the same side's 1-GPU run in the same invocation. Rows (card, date, config) go to
 ``benchmarks/RESULTS.md`` (``--results``).
@@ -258,9 +260,22 @@ def _category(name: str) -> str:
     return "other"
 
 
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start_us, end_us)`` intervals, in milliseconds."""
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            busy += (stop - max(start, end)) / 1000
+            end = stop
+    return busy
+
+
 def phases(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
-    """Milliseconds per phase of one call of ``fn`` (CUDA: kernel time by kind, idle = wall minus the union of
-    kernel intervals; CPU: self time of leaf ops by kind, idle = wall minus their sum)."""
+    """Milliseconds per phase of one call of ``fn``. CUDA: kernel time by kind (``comm`` counts a collective's whole
+    kernel, including the time it waits for the slowest peer); ``exposed``: time when only collective kernels run
+    (the union of all kernels minus the union of the others: communication and waiting that nothing hides); idle =
+    wall minus the union of all kernels. CPU: self time of leaf ops by kind (gloo collectives block, so ``exposed``
+    equals ``comm``); idle = wall minus their sum."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -273,21 +288,22 @@ def phases(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
         wall = time.perf_counter() - t0
     out = {"comm": 0.0, "attention": 0.0, "linear": 0.0, "other": 0.0}
     if device.type == "cuda":
-        intervals = []
+        every, compute = [], []
         for ev in prof.events():
             if ev.device_type == torch.autograd.DeviceType.CUDA and ev.time_range.elapsed_us() > 0:
-                out[_category(ev.name)] += ev.time_range.elapsed_us() / 1000
-                intervals.append((ev.time_range.start, ev.time_range.end))
-        busy, end = 0.0, float("-inf")
-        for start, stop in sorted(intervals):
-            if stop > end:
-                busy += (stop - max(start, end)) / 1000
-                end = stop
+                kind = _category(ev.name)
+                out[kind] += ev.time_range.elapsed_us() / 1000
+                every.append((ev.time_range.start, ev.time_range.end))
+                if kind != "comm":
+                    compute.append(every[-1])
+        busy = _union_ms(every)
+        out["exposed"] = busy - _union_ms(compute)
         out["idle"] = max(wall * 1000 - busy, 0.0)
     else:
         for avg in prof.key_averages():
             out[_category(avg.key)] += avg.self_cpu_time_total / 1000
         out["idle"] = max(wall * 1000 - sum(out.values()), 0.0)
+        out["exposed"] = out["comm"]
     return {k: round(v, 2) for k, v in out.items()}
 
 
@@ -559,12 +575,12 @@ def speedups(rows: list[Row]) -> dict[tuple[str, str, str, int], tuple[float, fl
 def table(rows: list[Row], card: str, args: argparse.Namespace) -> list[str]:
     sp = speedups(rows)
     lines = ["| model | side | config | GPUs | forward (ms) | vs 1 GPU | step (ms) | vs 1 GPU | "
-             "comm / attention / linear / other / idle (ms, one forward, rank 0) | note |",
+             "comm / exposed comm / attention / linear / other / idle (ms, one forward, rank 0) | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fs, ss = sp.get((r.model, r.side, r.config, r.world), (float("nan"), float("nan")))
-        ph = " / ".join(f"{r.phases_ms.get(k, float('nan')):.1f}" for k in ("comm", "attention", "linear", "other",
-                                                                             "idle"))
+        ph = " / ".join(f"{r.phases_ms.get(k, float('nan')):.1f}"
+                        for k in ("comm", "exposed", "attention", "linear", "other", "idle"))
         lines.append(f"| {r.model} | {r.side} | {r.config} | {r.world} | {r.forward_s * 1e3:.1f} | {fs:.2f}x | "
                      f"{r.step_s * 1e3:.1f} | {ss:.2f}x | {ph} | {r.note} |")
     return lines
