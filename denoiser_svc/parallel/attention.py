@@ -26,8 +26,8 @@ projections through the all-to-alls and the kernel to its output projection: ind
 the neighbouring kernels and CUDA graphs can replay the whole block instead of launching its collectives from the
 host. The host-side layout (lengths, which keys are padding) is read from the sharder's immutable ``UlyssesView``,
 rebuilt eagerly at each split, on which the compiled graph is guarded. Ring and USP layouts (point-to-point K/V
-passing) keep their communication outside the graph (``torch.compiler.disable``), as does a joint call made before
-the split.
+passing) keep their communication outside the graph (``torch.compiler.disable``); a joint call made before the split
+is the local kernel, traced too.
 """
 
 from __future__ import annotations
@@ -198,6 +198,8 @@ class SequenceParallelAttention:
         view = self.keys.view if self.traced else None
         if view is None:
             return self._joint_outside_graph(q, k, v, key_mask)
+        if not view.sharded:  # a part of the model that runs whole on every rank, ahead of the split
+            return self.kernel(q, k, v, key_mask)
         # traced Ulysses: every step traceable (functional all-to-alls, padding dropped by the view's index)
         if k.shape[1] != view.local_len:
             raise RuntimeError(f"joint attention got {k.shape[1]} local keys, but the plan's layout "

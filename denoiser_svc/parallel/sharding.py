@@ -100,11 +100,18 @@ class UlyssesView(NamedTuple):
     sequence-parallel group (ring degree 1): immutable, rebuilt eagerly at every split, read by the traced Ulysses
     path inside compiled blocks (``torch.compile`` guards on it: the same lengths reuse the same graph)."""
 
+    sharded: bool
+    """False in the parts of a model that run whole on every rank, ahead of the split (Z-Image's refiners): joint
+    attention there is the local kernel."""
     local_len: int
     """Joint keys per rank before the all-to-all (the sum of this rank's shards of the joint segments)."""
     valid: torch.Tensor | None
     """Positions of the real keys in the gathered sequence (a device tensor, cached per layout); None when nothing
     is padded."""
+
+
+UNSPLIT = UlyssesView(False, 0, None)
+"""The view inside a transformer call before any joint segment is split."""
 
 
 class SequenceSharder:
@@ -116,8 +123,9 @@ class SequenceSharder:
         self.group = group
         self._segments: dict[str, _Segment] | None = None
         self.view: UlyssesView | None = None
-        """Set once every joint segment of this call was split (see ``UlyssesView``); None outside a call and in
-        the parts of a model that run ahead of the split."""
+        """Inside a transformer call (``scope``): ``UNSPLIT`` until a joint segment is split, then the layout once
+        every joint segment is (see ``UlyssesView``). None outside a call and while only some joint segments are
+        split (the eager path then reports the inconsistency)."""
         self._index_cache: dict[tuple, torch.Tensor | None] = {}
         self._handles: list[Any] = []
 
@@ -147,6 +155,7 @@ class SequenceSharder:
     def scope(self) -> Iterator[None]:
         """One transformer call: segment state starts empty and is always cleared, even after an exception."""
         self._reset()
+        self.view = UNSPLIT
         try:
             yield
         finally:
@@ -157,11 +166,12 @@ class SequenceSharder:
         self.view = None
 
     def _update_view(self, device: torch.device) -> None:
-        if self._segments is None or not all(name in self._segments for name in self.plan.joint_layout):
-            self.view = None
+        split = [name in (self._segments or {}) for name in self.plan.joint_layout]
+        if not all(split):
+            self.view = None if any(split) else UNSPLIT
             return
         local = sum(self._segments[name].local for name in self.plan.joint_layout)
-        self.view = UlyssesView(local, self.valid_index(list(range(self.group.size)), local, device))
+        self.view = UlyssesView(True, local, self.valid_index(list(range(self.group.size)), local, device))
 
     # -- splitting and gathering -------------------------------------------------------------------------------------
     def _segment(self, name: str, full: int) -> _Segment:

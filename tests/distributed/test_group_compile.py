@@ -28,10 +28,16 @@ LAYOUTS = {"flux-ulysses2": ("flux", {"ulysses_degree": 2}, COMPILE),
            "flux-ulysses2-untraced": ("flux", {"ulysses_degree": 2}, UNTRACED),
            "flux-ulysses2-chunks2": ("flux", {"ulysses_degree": 2, "ulysses_chunks": 2}, COMPILE),
            "flux-ring2": ("flux", {"ring_degree": 2}, COMPILE),
-           "wan-ulysses2": ("wan", {"ulysses_degree": 2}, COMPILE)}
-TRACED = {"flux-ulysses2", "flux-ulysses2-chunks2", "wan-ulysses2"}
-"""Cases whose blocks must compile to one graph each: Ulysses through functional collectives. The others keep their
-collectives outside the graph, which breaks it (and shows that the count measures what it should)."""
+           "wan-ulysses2": ("wan", {"ulysses_degree": 2}, COMPILE),
+           # Qwen-Image's text key mask through the traced all-gather and key selection: traced and functionalised
+           # by aot_eager; inductor's C++ (CPU) codegen fails on the fused bool-mask gather (a vectorised `where`
+           # on an indirectly loaded bool), which GPU (Triton) codegen does not share
+           "qwen_image-ulysses2": ("qwen_image", {"ulysses_degree": 2}, [*COMPILE, "runtime.compile_backend=aot_eager"]),
+           "z_image-ulysses2": ("z_image", {"ulysses_degree": 2}, COMPILE)}
+TRACED = {"flux-ulysses2", "flux-ulysses2-chunks2", "wan-ulysses2", "qwen_image-ulysses2", "z_image-ulysses2"}
+"""Cases whose blocks must compile to one graph each: Ulysses through functional collectives (Z-Image's refiners,
+which run whole ahead of the split, included). The others keep their collectives outside the graph, which breaks it
+(and shows that the count measures what it should)."""
 
 
 def test_compiled_group_equals_eager_single_process(checkpoints_dir: Path, tmp_path: Path) -> None:
