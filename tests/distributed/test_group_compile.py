@@ -1,9 +1,11 @@
 """Regional compilation works together with the sequence-parallel wrappers (issue 3: "both work together with the
-parallel wrappers; distributed parts stay outside the compiled graph"): a group of 2 real rank processes (gloo),
-each rank choosing its kernels and compiling its repeated blocks with inductor as a serving rank does, returns what
-one eager process returns. Flux covers joint attention under Ulysses and Ring, Wan self- and cross-attention under
-Ulysses (also in two pipelined head chunks). Ulysses traces its all-to-alls into the compiled blocks (no graph break, counted by dynamo); with
-``parallel.trace_collectives=false`` and under Ring the collectives stay outside and break the graph.
+parallel wrappers"): a group of 2 real rank processes (gloo), each rank choosing its kernels and compiling its
+repeated blocks with inductor as a serving rank does, returns what one eager process returns. Flux covers joint
+attention under Ulysses (also in two pipelined head chunks) and Ring, Wan self- and cross-attention under Ulysses,
+Qwen-Image a text key mask, Z-Image refiners that run ahead of the split, FLUX.2-klein its own blocks. Ulysses
+traces its all-to-alls into the compiled blocks (no graph break, counted by dynamo; issue 3's "distributed parts stay
+outside the compiled graph" was the cautious way, this one is measured exact and leaves whole blocks to CUDA
+graphs); with ``parallel.trace_collectives=false`` and under Ring the collectives stay outside and break the graph.
 
 Tolerance: float32, <= 1e-5 relative on the final latents, as for the eager groups (test_group_exactness.py):
 inductor fuses elementwise work and may reorder its float32 arithmetic (~1e-7), and sharding reorders the sums
@@ -33,8 +35,10 @@ LAYOUTS = {"flux-ulysses2": ("flux", {"ulysses_degree": 2}, COMPILE),
            # by aot_eager; inductor's C++ (CPU) codegen fails on the fused bool-mask gather (a vectorised `where`
            # on an indirectly loaded bool), which GPU (Triton) codegen does not share
            "qwen_image-ulysses2": ("qwen_image", {"ulysses_degree": 2}, [*COMPILE, "runtime.compile_backend=aot_eager"]),
-           "z_image-ulysses2": ("z_image", {"ulysses_degree": 2}, COMPILE)}
-TRACED = {"flux-ulysses2", "flux-ulysses2-chunks2", "wan-ulysses2", "qwen_image-ulysses2", "z_image-ulysses2"}
+           "z_image-ulysses2": ("z_image", {"ulysses_degree": 2}, COMPILE),
+           "flux2_klein-ulysses2": ("flux2_klein", {"ulysses_degree": 2}, COMPILE)}
+TRACED = {"flux-ulysses2", "flux-ulysses2-chunks2", "wan-ulysses2", "qwen_image-ulysses2", "z_image-ulysses2",
+          "flux2_klein-ulysses2"}
 """Cases whose blocks must compile to one graph each: Ulysses through functional collectives (Z-Image's refiners,
 which run whole ahead of the split, included). The others keep their collectives outside the graph, which breaks it
 (and shows that the count measures what it should)."""
