@@ -401,6 +401,9 @@ def run_ours(spec: Spec, handle: Any, world: int, rank: int, device: torch.devic
 def restore_diffusers_processors(transformer: torch.nn.Module, backend: str) -> None:
     from diffusers.models.attention import AttentionModuleMixin
 
+    from services.families.processors import remove_block_forwards
+
+    remove_block_forwards(transformer)  # diffusers' own block forwards too, not only its processors
     for module in transformer.modules():
         if isinstance(module, AttentionModuleMixin):
             module.set_processor(module._default_processor_cls())

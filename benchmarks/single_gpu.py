@@ -181,6 +181,9 @@ def count_flops(model: torch.nn.Module, forward: Callable[[], object], install: 
 def set_diffusers_backend(model: torch.nn.Module, name: str | None) -> None:
     from diffusers.models.attention import AttentionModuleMixin
 
+    from services.families.processors import remove_block_forwards
+
+    remove_block_forwards(model)  # diffusers' own block forwards too, not only its processors
     if "wan" in _DISPATCH:
         import diffusers.models.transformers.transformer_wan as tw
 

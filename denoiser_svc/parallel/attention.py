@@ -142,22 +142,23 @@ class SequenceParallelAttention:
     def ops(self, base: AttentionOps) -> AttentionOps:
         """``base`` with its joint attention made sequence-parallel (``base.joint`` is ignored: ``kernel`` is the
         kernel that runs after the all-to-all)."""
-        return AttentionOps(joint=self.joint, cross=base.cross)
+        return AttentionOps(joint=self.joint, cross=base.cross, joint_start=self.joint_start)
 
     # -- Ulysses: one all-to-all each way per head chunk, pipelined ---------------------------------------------------
     def _start_all_to_all(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         return self.ulysses.all_to_all_async(x, traced=self.traced)
 
-    def _ulysses(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-                 attend: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """``attend(q, k, v, key_mask)`` on this rank's heads of the gathered sequence, Ulysses around it:
+    def _ulysses_start(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                       attend: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Start ``attend(q, k, v, key_mask)`` on this rank's heads of the gathered sequence, Ulysses around it:
         ``[B, S_l, H, D] -> [B, U * S_l, H/U, D] -> attend -> [B, S_l, H, D]``.
 
         With ``chunks`` C > 1 the heads go in C groups: every group's all-to-all starts first (they queue on the
         communication stream), then group i is attended while group i+1 is still in flight, and group i's output
         goes back while group i+1 is attended; only the first input and the last output exchange stay exposed.
         Head h of the model is head ``h % (H/C/U)`` of rank ``(h // (H/C/U)) % U`` in chunk ``h // (H/C)``; each
-        chunk is exact on its own, so the result does not depend on C."""
+        chunk is exact on its own, so the result does not depend on C. The input exchanges start here; the returned
+        ``finish`` waits for them, attends and brings the output back (work run in between overlaps the exchanges)."""
         u, c = self.ulysses.size, self.chunks
         b, s, h, d = q.shape
         hu = h // (c * u)  # heads per rank per chunk
@@ -166,17 +167,21 @@ class SequenceParallelAttention:
         sent = [self._start_all_to_all(buf[j]) for j in range(c)]
         if key_mask is not None:
             key_mask = self._gather_mask(key_mask)  # [B, S_l] -> [B, U * S_l]
-        back = []
-        for finish in sent:
-            # [U (source: its sequence shard), 3, B, S_l, hu, D] -> [3, B, U * S_l, hu, D]: the U shards in source
-            # order = this rank's contiguous chunk of the sequence
-            got = finish().permute(1, 2, 0, 3, 4, 5).reshape(3, b, u * s, hu, d)
-            out = attend(got[0], got[1], got[2], key_mask)  # [B, U * S_l, hu, D]
-            # -> [U (destination: whose sequence shard), B, S_l, hu, D]
-            back.append(self._start_all_to_all(out.reshape(b, u, s, hu, d).permute(1, 0, 2, 3, 4)))
-        # each [U (source: its head group), B, S_l, hu, D] -> [B, S_l, U * hu, D]; chunks in head order
-        outs = [finish().permute(1, 2, 0, 3, 4).reshape(b, s, u * hu, d) for finish in back]
-        return outs[0] if c == 1 else torch.cat(outs, dim=2)
+
+        def finish_all() -> torch.Tensor:
+            back = []
+            for finish in sent:
+                # [U (source: its sequence shard), 3, B, S_l, hu, D] -> [3, B, U * S_l, hu, D]: the U shards in
+                # source order = this rank's contiguous chunk of the sequence
+                got = finish().permute(1, 2, 0, 3, 4, 5).reshape(3, b, u * s, hu, d)
+                out = attend(got[0], got[1], got[2], key_mask)  # [B, U * S_l, hu, D]
+                # -> [U (destination: whose sequence shard), B, S_l, hu, D]
+                back.append(self._start_all_to_all(out.reshape(b, u, s, hu, d).permute(1, 0, 2, 3, 4)))
+            # each [U (source: its head group), B, S_l, hu, D] -> [B, S_l, U * hu, D]; chunks in head order
+            outs = [finish().permute(1, 2, 0, 3, 4).reshape(b, s, u * hu, d) for finish in back]
+            return outs[0] if c == 1 else torch.cat(outs, dim=2)
+
+        return finish_all
 
     def _gather_mask(self, key_mask: torch.Tensor) -> torch.Tensor:
         if self.traced:
@@ -195,22 +200,31 @@ class SequenceParallelAttention:
     # -- the joint call ----------------------------------------------------------------------------------------------
     def joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.joint_start(q, k, v, key_mask)()
+
+    def joint_start(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_mask: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+        """``joint`` in two phases (``AttentionOps.start``): the input exchange starts now."""
         view = self.keys.view if self.traced else None
         if view is None:
-            return self._joint_outside_graph(q, k, v, key_mask)
+            return self._start_outside_graph(q, k, v, key_mask)
         if not view.sharded:  # a part of the model that runs whole on every rank, ahead of the split
-            return self.kernel(q, k, v, key_mask)
+            out = self.kernel(q, k, v, key_mask)
+            return lambda: out
         # traced Ulysses: every step traceable (functional all-to-alls, padding dropped by the view's index)
         if k.shape[1] != view.local_len:
             raise RuntimeError(f"joint attention got {k.shape[1]} local keys, but the plan's layout "
                                f"{self.keys.plan.joint_layout} gives {view.local_len} on each rank")
-        return self._ulysses(q, k, v, key_mask, self._local(view.valid))
+        return self._ulysses_start(q, k, v, key_mask, self._local(view.valid))
 
     @torch.compiler.disable
-    def _joint_outside_graph(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _start_outside_graph(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             key_mask: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+        """The eager collectives (c10d, or Ring's point-to-point passes), behind graph breaks: ``finish`` is
+        ``torch.compiler.disable``d too."""
         if not self.keys.sharded():  # a part of the model that runs whole on every rank
-            return self.kernel(q, k, v, key_mask)
+            out = self.kernel(q, k, v, key_mask)
+            return lambda: out
         local_len = k.shape[1]
         self.keys.check_local_length(local_len)
         if self.ring.size > 1:
@@ -219,8 +233,9 @@ class SequenceParallelAttention:
         else:
             attend = self._local(self.keys.valid_index(self._shards(0), local_len, q.device))
         if self.ulysses.size == 1:
-            return attend(q, k, v, key_mask)
-        return self._ulysses(q, k, v, key_mask, attend)
+            out = attend(q, k, v, key_mask)
+            return lambda: out
+        return torch.compiler.disable(self._ulysses_start(q, k, v, key_mask, attend))
 
     def _shards(self, ring_rank: int) -> list[int]:
         """Sequence-shard indices (sp ranks) held, in order, by ring member ``ring_rank`` after the all-to-all."""

@@ -7,6 +7,11 @@
 
 ``key_mask`` is None or a bool ``[B, S_k]`` (True = attend). The kernels behind these calls come from the backend
 registry (``services.attention.backends``).
+
+``AttentionOps.start(q, k, v, key_mask)`` is joint attention in two phases: it starts the call and returns
+``finish() -> out``; under sequence parallelism the start launches the input exchange, so work the caller runs
+before ``finish`` (e.g. Flux's single-block MLP, which does not depend on attention) overlaps it. Without a
+split-phase implementation ``finish`` simply runs ``joint``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+StartFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], Callable[[], torch.Tensor]]
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,6 +39,16 @@ class AttentionOps:
 
     joint: AttentionFn = sdpa_attention
     cross: AttentionFn = sdpa_attention
+    joint_start: StartFn | None = None
+    """Split-phase ``joint`` (see the module doc); None: ``start`` defers ``joint`` to ``finish``."""
+
+    def start(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              key_mask: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+        """Start joint attention; the returned ``finish()`` gives its output."""
+        if self.joint_start is not None:
+            return self.joint_start(q, k, v, key_mask)
+        joint = self.joint
+        return lambda: joint(q, k, v, key_mask)
 
 
 LOCAL_SDPA = AttentionOps()

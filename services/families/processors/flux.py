@@ -1,10 +1,26 @@
-"""Flux.1 attention (double- and single-stream blocks) through ``AttentionOps.joint``."""
+"""Flux.1 attention (double- and single-stream blocks) through ``AttentionOps``, and the single-stream block's
+forward with its MLP branch overlapping the attention's input exchange.
+
+A single-stream block computes ``proj_out(cat(attention(norm(x)), gelu(proj_mlp(norm(x)))))``: the MLP branch does
+not depend on attention. diffusers runs it first, then attention; our block forward hands it to the attention
+processor, which starts attention (``AttentionOps.start``: under Ulysses the q/k/v all-to-all is launched), runs the
+MLP while the exchange is in flight, then finishes attention. The same operations on the same values, in another
+order: outputs are bit-identical (tested); on one GPU there is nothing to overlap and nothing changes.
+"""
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttention,
+    FluxSingleTransformerBlock,
+    _get_qkv_projections,
+)
 
 from services.attention import AttentionOps
 
@@ -16,7 +32,9 @@ class FluxJointAttnProcessor:
         self.ops = ops
 
     def __call__(self, attn: FluxAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb: tuple | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: tuple | None = None,
+                 overlap: Callable[[], Any] | None = None) -> torch.Tensor:
+        """``overlap``: work that does not depend on attention, run while attention's input exchange is in flight."""
         if attention_mask is not None:
             raise NotImplementedError("Flux joint attention takes no attention mask")
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
@@ -31,7 +49,13 @@ class FluxJointAttnProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = self.ops.joint(q, k, v, None).flatten(2, 3).to(q.dtype)
+        if overlap is None:
+            out = self.ops.joint(q, k, v, None)
+        else:
+            finish = self.ops.start(q, k, v, None)
+            overlap()
+            out = finish()
+        out = out.flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
             return out
         n_txt = encoder_hidden_states.shape[1]
@@ -40,11 +64,45 @@ class FluxJointAttnProcessor:
         return img, attn.to_add_out(txt.contiguous())
 
 
+def single_block_forward(self: FluxSingleTransformerBlock, hidden_states: torch.Tensor,
+                         encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FluxSingleTransformerBlock.forward`` (diffusers 0.42), the MLP branch run by the attention processor while
+    attention's input exchange is in flight (see the module doc). When the attention call does not run its
+    computation (a FlexCache hook answered it), the MLP runs here."""
+    text_len = encoder_hidden_states.shape[1]
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    residual = hidden_states
+    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+    mlp: list[torch.Tensor] = []
+
+    def run_mlp() -> None:
+        mlp.append(self.act_mlp(self.proj_mlp(norm_hidden_states)))
+
+    attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, overlap=run_mlp,
+                            **(joint_attention_kwargs or {}))
+    if not mlp:
+        run_mlp()
+    hidden_states = torch.cat([attn_output, mlp[0]], dim=2)
+    hidden_states = residual + gate.unsqueeze(1) * self.proj_out(hidden_states)
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states[:, :text_len], hidden_states[:, text_len:]
+
+
+single_block_forward.chitu_block_forward = True  # type: ignore[attr-defined]
+
+
 def install(transformer: torch.nn.Module, ops: AttentionOps) -> int:
-    """Put our processor on every Flux attention module; returns how many were replaced."""
+    """Put our processor on every Flux attention module and our forward on every single-stream block that still runs
+    diffusers' own (a block whose forward was already replaced, by us or by compilation of ours, keeps it); returns
+    how many processors were replaced."""
     n = 0
     for module in transformer.modules():
         if isinstance(module, FluxAttention):
             module.set_processor(FluxJointAttnProcessor(ops))
             n += 1
+        elif isinstance(module, FluxSingleTransformerBlock) and "forward" not in vars(module):
+            module.forward = types.MethodType(single_block_forward, module)
     return n
