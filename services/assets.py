@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +18,24 @@ EMBEDDED_CHECKPOINT = REPO_ROOT / "services" / "checkpoints" / "chitu-shapes-flu
 TINY_DEFAULTS = {"width": 128, "height": 128, "steps": 8, "guidance_scale": 3.5, "max_size": 1024}
 
 
+@contextlib.contextmanager
+def _atomic_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder next to ``out``, renamed to ``out`` when the block succeeds (concurrent builders: the first
+    to finish wins, the others' work is dropped), removed whatever happens."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "model_index.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_tiny(family: str, out_dir: Path, seed: int = 0) -> Path:
     """Build a tiny checkpoint of ``family`` atomically (into a temporary folder, then renamed)."""
     from services.tiny import builders
@@ -23,21 +43,11 @@ def build_tiny(family: str, out_dir: Path, seed: int = 0) -> Path:
     builder = builders().get(family)
     if builder is None:
         raise ValueError(f"no tiny checkpoint builder for family {family!r}; known: {sorted(builders())}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with _atomic_folder(out_dir) as tmp:
         builder(tmp, seed=seed)
         defaults_path = tmp / "chitu.json"
         if not defaults_path.exists():
             defaults_path.write_text(json.dumps(TINY_DEFAULTS, indent=2) + "\n")
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not (out_dir / "model_index.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -50,8 +60,7 @@ def widen_heads(checkpoint: Path, out: Path, heads: int, seed: int = 0) -> Path:
 
     if (out / "model_index.json").is_file():
         return out
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with _atomic_folder(out) as tmp:
         shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
         cfg = json.loads((tmp / "transformer" / "config.json").read_text())
         cls = getattr(diffusers, cfg["_class_name"])
@@ -64,14 +73,6 @@ def widen_heads(checkpoint: Path, out: Path, heads: int, seed: int = 0) -> Path:
         model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
         shutil.rmtree(tmp / "transformer")
         model.save_pretrained(tmp / "transformer", safe_serialization=True)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "model_index.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
