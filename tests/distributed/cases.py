@@ -28,7 +28,8 @@ STEPS = 3
 LAYOUTS_2 = {"cfg2": {"cfg_degree": 2}, "ulysses2": {"ulysses_degree": 2}, "ring2": {"ring_degree": 2},
              "ulysses2-chunks2": {"ulysses_degree": 2, "ulysses_chunks": 2}}
 LAYOUTS_4 = {"cfg2-ulysses2": {"cfg_degree": 2, "ulysses_degree": 2}, "ulysses4": {"ulysses_degree": 4},
-             "ring4": {"ring_degree": 4}, "ulysses2-ring2": {"ulysses_degree": 2, "ring_degree": 2}}
+             "ring4": {"ring_degree": 4}, "ulysses2-ring2": {"ulysses_degree": 2, "ring_degree": 2},
+             "ulysses2-ring2-chunks2": {"ulysses_degree": 2, "ring_degree": 2, "ulysses_chunks": 2}}
 
 
 @dataclasses.dataclass

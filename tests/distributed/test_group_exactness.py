@@ -1,6 +1,6 @@
 """The denoiser group computes what one process computes: every family's tiny checkpoint, every layout it supports at
 world sizes 2 and 4 (cfg2, ulysses2, ring2, ulysses2 in two pipelined head chunks; cfg2 x ulysses2, ulysses4, ring4,
-ulysses2 x ring2), real rank processes on gloo, the real worker stack (runner, CFG parallel, sequence sharding hooks,
+ulysses2 x ring2, the same in two head chunks), real rank processes on gloo, the real worker stack (runner, CFG parallel, sequence sharding hooks,
 Ulysses/Ring/USP attention). The single-process result is the same worker with a group of one.
 
 Tolerance: float32, <= 1e-5 relative on the final latents. Sharding changes only the order of floating-point sums
