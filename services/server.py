@@ -68,12 +68,43 @@ def server_options(max_message_mb: int) -> list[tuple[str, Any]]:
     ]
 
 
-async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+class _CallRecord:
+    """The metrics of one RPC: in flight from creation, recorded once by ``finish`` (later calls do nothing)."""
+
+    def __init__(self, metrics: ServiceMetrics | None, method: str):
+        self.metrics, self.method = metrics, method
+        self.started = time.perf_counter()
+        self.done = False
+        if metrics is not None:
+            metrics.in_flight.labels(metrics.service, method).inc()
+            if metrics.is_work(method):
+                metrics.work_in_flight += 1
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        m, method = self.metrics, self.method
+        if self.done or m is None:
+            return
+        self.done = True
+        m.requests.labels(m.service, method, code.name).inc()
+        m.seconds.labels(m.service, method).observe(time.perf_counter() - self.started)
+        m.in_flight.labels(m.service, method).dec()
+        if m.is_work(method):
+            m.work_in_flight -= 1
+
+    async def abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        """Record the failure, then abort: grpc.aio sends the status from inside ``abort``, so recording after it
+        would let a client see the error before the counter moves."""
+        self.finish(code)
+        await context.abort(code, message)
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, call: _CallRecord) -> None:
     if isinstance(exc, ServiceError):
-        log.info("request_failed", method=method, code=exc.code.name, error=exc.message)
-        await context.abort(exc.code, exc.message)
-    log.exception("request_crashed", method=method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
+        log.info("request_failed", method=call.method, code=exc.code.name, error=exc.message)
+        await call.abort(context, exc.code, exc.message)
+    log.exception("request_crashed", method=call.method)
+    await call.abort(context, grpc.StatusCode.INTERNAL,
+                     f"internal error in {call.method}: {type(exc).__name__}: {exc}")
 
 
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
@@ -84,27 +115,6 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         self.metrics = metrics
         self.tokens = tokens
         """Accepted bearer tokens (empty: none required; health and reflection never need one)."""
-
-    def _observe(self, method: str, started: float | None, code: grpc.StatusCode) -> None:
-        """Records one finished RPC once: returns None, which callers store as ``started`` so that the ``finally``
-        clause does not count it again. Errors are recorded before ``context.abort``, because grpc.aio sends the
-        status from inside ``abort``: a client could otherwise see the error before the counter moves."""
-        if self.metrics is None or started is None:
-            return None
-        name = self.metrics.service
-        self.metrics.requests.labels(name, method, code.name).inc()
-        self.metrics.seconds.labels(name, method).observe(time.perf_counter() - started)
-        self.metrics.in_flight.labels(name, method).dec()
-        if self.metrics.is_work(method):
-            self.metrics.work_in_flight -= 1
-        return None
-
-    def _start(self, method: str) -> float:
-        if self.metrics is not None:
-            self.metrics.in_flight.labels(self.metrics.service, method).inc()
-            if self.metrics.is_work(method):
-                self.metrics.work_in_flight += 1
-        return time.perf_counter()
 
     async def intercept_service(self, continuation: Callable[..., Awaitable[grpc.RpcMethodHandler]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -128,13 +138,11 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_out(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
                 bind()
-                started: float | None = self._start(method)
-                code = grpc.StatusCode.OK
+                call, code = _CallRecord(self.metrics, method), grpc.StatusCode.OK
                 try:
                     if refused:
                         code = grpc.StatusCode.UNAUTHENTICATED
-                        started = self._observe(method, started, code)
-                        await context.abort(code, refused)
+                        await call.abort(context, code, refused)
                     return await inner(request_or_iterator, context)
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
@@ -144,10 +152,9 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception as exc:  # noqa: BLE001 - boundary: every error becomes a status
                     code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
-                    started = self._observe(method, started, code)
-                    await _abort_for(exc, context, method)
+                    await _abort_for(exc, context, call)
                 finally:
-                    self._observe(method, started, code)
+                    call.finish(code)
 
             factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                        else grpc.stream_unary_rpc_method_handler)
@@ -156,13 +163,11 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_out(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
                 bind()
-                started: float | None = self._start(method)
-                code = grpc.StatusCode.OK
+                call, code = _CallRecord(self.metrics, method), grpc.StatusCode.OK
                 try:
                     if refused:
                         code = grpc.StatusCode.UNAUTHENTICATED
-                        started = self._observe(method, started, code)
-                        await context.abort(code, refused)
+                        await call.abort(context, code, refused)
                     async for item in inner(request_or_iterator, context):
                         yield item
                 except (asyncio.CancelledError, GeneratorExit):
@@ -173,10 +178,9 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception as exc:  # noqa: BLE001 - boundary: every error becomes a status
                     code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
-                    started = self._observe(method, started, code)
-                    await _abort_for(exc, context, method)
+                    await _abort_for(exc, context, call)
                 finally:
-                    self._observe(method, started, code)
+                    call.finish(code)
 
             factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
                        else grpc.stream_stream_rpc_method_handler)
