@@ -402,7 +402,9 @@ def restore_diffusers_processors(transformer: torch.nn.Module, backend: str) -> 
     from diffusers.models.attention import AttentionModuleMixin
 
     from services.families.processors import remove_block_forwards
+    from services.runtime import undo_regional_compile
 
+    undo_regional_compile(transformer)  # ours may have compiled this model's blocks
     remove_block_forwards(transformer)  # diffusers' own block forwards too, not only its processors
     for module in transformer.modules():
         if isinstance(module, AttentionModuleMixin):

@@ -117,6 +117,11 @@ def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, block_out:
     return out, new_lse
 
 
+def _ready(out: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A ``finish`` for a result computed at once (nothing to overlap)."""
+    return lambda: out
+
+
 def _select_keys(idx: torch.Tensor | None, *xs: torch.Tensor | None) -> list[torch.Tensor | None]:
     if idx is None:
         return list(xs)
@@ -209,8 +214,7 @@ class SequenceParallelAttention:
         if view is None:
             return self._start_outside_graph(q, k, v, key_mask)
         if not view.sharded:  # a part of the model that runs whole on every rank, ahead of the split
-            out = self.kernel(q, k, v, key_mask)
-            return lambda: out
+            return _ready(self.kernel(q, k, v, key_mask))
         # traced Ulysses: every step traceable (functional all-to-alls, padding dropped by the view's index)
         if k.shape[1] != view.local_len:
             raise RuntimeError(f"joint attention got {k.shape[1]} local keys, but the plan's layout "
@@ -223,8 +227,7 @@ class SequenceParallelAttention:
         """The eager collectives (c10d, or Ring's point-to-point passes), behind graph breaks: ``finish`` is
         ``torch.compiler.disable``d too."""
         if not self.keys.sharded():  # a part of the model that runs whole on every rank
-            out = self.kernel(q, k, v, key_mask)
-            return lambda: out
+            return _ready(self.kernel(q, k, v, key_mask))
         local_len = k.shape[1]
         self.keys.check_local_length(local_len)
         if self.ring.size > 1:
@@ -233,8 +236,7 @@ class SequenceParallelAttention:
         else:
             attend = self._local(self.keys.valid_index(self._shards(0), local_len, q.device))
         if self.ulysses.size == 1:
-            out = attend(q, k, v, key_mask)
-            return lambda: out
+            return _ready(attend(q, k, v, key_mask))
         return torch.compiler.disable(self._ulysses_start(q, k, v, key_mask, attend))
 
     def _shards(self, ring_rank: int) -> list[int]:

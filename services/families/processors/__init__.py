@@ -9,17 +9,13 @@ import torch
 
 
 def remove_block_forwards(model: torch.nn.Module) -> int:
-    """Give every module whose ``forward`` we replaced (a function marked ``chitu_block_forward``, also under
-    regional compilation, which wraps it) its class's forward back; returns how many. For code that runs diffusers'
-    own forward on the same model (the benchmarks' baselines); ``install`` puts ours back."""
+    """Give every module whose ``forward`` we replaced (a function marked ``chitu_block_forward``) its class's forward
+    back; returns how many. For code that runs diffusers' own forward on the same model (the benchmarks' baselines;
+    ``install`` puts ours back). Compiled blocks: ``services.runtime.undo_regional_compile`` first (it removes the
+    compiled wrapper, and ours under it)."""
     n = 0
     for module in model.modules():
-        forward = vars(module).get("forward")
-        if forward is None:
-            continue
-        inner = getattr(forward, "_torchdynamo_orig_callable", forward)
-        if getattr(getattr(inner, "__func__", inner), "chitu_block_forward", False):
+        if getattr(getattr(vars(module).get("forward"), "__func__", None), "chitu_block_forward", False):
             del module.forward
-            module._chitu_compiled = False
             n += 1
     return n
