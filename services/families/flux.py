@@ -27,7 +27,7 @@ from services.families.base import (
 )
 from services.families.cache_spec import CacheSpec, block_counts
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
-from services.families.step_constants import StepConstant, StepTable, using
+from services.families.step_constants import StepConstant, StepRows, StepTable, using
 
 
 class FluxAdapter(FamilyAdapter):
@@ -182,7 +182,7 @@ class FluxAdapter(FamilyAdapter):
                 if guidance is not None:
                     args.append(torch.full([n], params.guidance_scale, device=device, dtype=torch.float32).to(dtype)
                                 * 1000)
-                extras["step_tables"] = {branch: table.compute(*args, pool.expand(n, -1))
+                extras["step_tables"] = {branch: StepRows(table.compute(*args, pool.expand(n, -1)))
                                          for branch, (_, pool, _) in texts.items()}
         return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, branch_inputs=inputs,
                             guidance_scale=params.guidance_scale, do_cfg=do_cfg, start_step=start_step,
@@ -247,7 +247,7 @@ class FluxAdapter(FamilyAdapter):
         served = state.extras.get("step_constants", {}).get(branch, [])
         tables = state.extras.get("step_tables", {}).get(branch)
         if tables is not None and state.start_step <= step < state.end_step:
-            served = [*served, *StepTable.rows(tables, step - state.start_step, latents.shape[0])]
+            served = [*served, *tables.rows(step - state.start_step, latents.shape[0])]
         with using(served):
             return model.transformer(hidden_states=latents, timestep=timestep / 1000, return_dict=False,
                                      **state.branch_inputs[branch])[0]
