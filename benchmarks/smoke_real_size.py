@@ -92,6 +92,7 @@ class Row:
     checkpoint_gb: float = float("nan")
     start_s: float = float("nan")
     step_s_median: float = float("nan")
+    step_s_sum: float = float("nan")
     stages_s: dict[str, float] = field(default_factory=dict)
     peak_gb: dict[str, float] = field(default_factory=dict)
     note: str = ""
@@ -131,10 +132,12 @@ def run_family(fam: Family, args: argparse.Namespace, workdir: Path) -> Row:
                                             timeout=1800)
             steps = list(result.timings.step_seconds)
             row.step_s_median = statistics.median(steps[1:] or steps)  # the first step may pay lazy set-up
+            row.step_s_sum = sum(steps)
             from services.proto.chitu.v1 import common_pb2
 
-            row.stages_s = {common_pb2.Stage.Name(s.stage).removeprefix("STAGE_").lower(): round(s.seconds, 3)
-                            for s in result.timings.stages}
+            for s in result.timings.stages:  # Wan2.2: one denoise segment per expert group, summed
+                name = common_pb2.Stage.Name(s.stage).removeprefix("STAGE_").lower()
+                row.stages_s[name] = round(row.stages_s.get(name, 0.0) + s.seconds, 3)
             for model in client.list_models().models:
                 for ep in model.endpoints:
                     md = dict(ep.info.metadata)

@@ -24,6 +24,7 @@ def test_smoke_script_on_tiny_checkpoints(tmp_path: Path) -> None:
     assert set(rows) == {"flux", "wan2.2-a14b"}
     for r in rows.values():
         assert not r["note"] and r["step_s_median"] > 0 and set(r["stages_s"]) == {"encode", "denoise", "decode"}
+        assert r["stages_s"]["denoise"] >= r["step_s_sum"] - 1e-3  # every step's time, from every expert group's segment
     assert set(rows["wan2.2-a14b"]["peak_gb"]) == {"encode", "denoise", "denoise_2", "decode"}  # two expert groups
     assert "## Real-size smoke (issue 5)" in results.read_text()
     assert not any((tmp_path / "work").glob("flux/*")), "the checkpoint folder is deleted after its family"
