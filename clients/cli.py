@@ -59,8 +59,19 @@ def _up(args: argparse.Namespace) -> int:
         security.validate()
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
+    gpus = {}
+    for item in args.gpus:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --gpus {item!r}: expected STAGE[:SERVICE]=LIST, e.g. denoiser=0,1")
+        gpus[key] = value
     cfg = StackConfig(checkpoints=_parse_checkpoints(args.checkpoint), listen=args.listen, device=args.device,
-                      dtype=args.dtype, log_level=args.log_level, stage_overrides=overrides, security=security)
+                      dtype=args.dtype, log_level=args.log_level, stage_overrides=overrides, security=security,
+                      stage_gpus=gpus)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -213,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default=None, help="where configs and logs go (default: a temporary folder)")
     s.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                    help="config override for one stage kind, e.g. denoiser:engine.max_active_requests=2")
+    s.add_argument("--gpus", action="append", default=[], metavar="STAGE[:SERVICE]=LIST",
+                   help="GPUs a stage's processes see, e.g. denoiser=0,1 or denoiser:wan22.transformer_2=2,3 (repeatable)")
     g = s.add_argument_group("security: mutual TLS and a bearer token on every channel of the stack")
     g.add_argument("--ca-file", default="", help="CA that every service and client certificate chains to")
     g.add_argument("--cert-file", default="", help="certificate every service presents (server and client use)")

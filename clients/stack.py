@@ -94,14 +94,29 @@ class StackConfig:
     """Where content hashes of checkpoint files are cached between runs (empty: hash every time)."""
     security: StackSecurityConfig = dataclasses.field(default_factory=StackSecurityConfig)
     """TLS, mutual TLS and a bearer token on every channel of the stack (default: plaintext on loopback)."""
+    stage_gpus: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Which GPUs a service sees (``CUDA_VISIBLE_DEVICES`` of its process), e.g. ``{"denoiser": "0,1,2,3",
+    "denoiser:wan22.transformer_2": "4,5,6,7", "encoder": "0"}``. Keys: a stage kind (every service of that kind) or
+    ``kind:service-name`` (one service; a model's second expert group is named ``<model>.<component>``), the
+    latter winning. Values: comma-separated GPU indices of this machine. A denoiser group's ranks take the GPUs it
+    sees in order, so two groups on one host get disjoint lists. Services not named see every GPU."""
 
     def validate(self) -> None:
         self.security.validate()
+        for key, gpus in self.stage_gpus.items():
+            kind = key.partition(":")[0]
+            if kind not in STAGE_KINDS:
+                raise ConfigError(f"stage_gpus key {key!r}: must be a stage kind {list(STAGE_KINDS)} or kind:service-name")
+            if not gpus or not all(part.isdigit() for part in gpus.split(",")):
+                raise ConfigError(f"stage_gpus[{key!r}] = {gpus!r}: give comma-separated GPU indices, e.g. 0 or 2,3")
         for name, path in self.checkpoints.items():
             if not (Path(path) / "model_index.json").is_file():
                 raise ConfigError(f"checkpoint {name}={path} is not a diffusers folder (no model_index.json)")
         if ":" not in self.listen:
             raise ConfigError(f"listen={self.listen!r} must be host:port")
+
+
+STAGE_KINDS = ("encoder", "denoiser", "vae", "orchestrator")
 
 
 @dataclasses.dataclass
@@ -165,6 +180,8 @@ class Service:
     log_path: Path
     process: subprocess.Popen | None = None
     address: str = ""
+    gpus: str | None = None
+    """``CUDA_VISIBLE_DEVICES`` of its process (None: inherited)."""
 
 
 class LocalStack:
@@ -202,10 +219,12 @@ class LocalStack:
         cmd = [sys.executable, "-m", "clients.cli", "serve", svc.kind, "--config", str(svc.config_path)]
         for override in self.config.stage_overrides.get(svc.kind, []):
             cmd += ["--set", override]
+        env = os.environ.copy() if env is None else dict(env)
+        if svc.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = svc.gpus
         log_file = open(svc.log_path, "ab")  # noqa: SIM115 - handed to the child, closed on stop
         svc.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                       cwd=str(Path(__file__).resolve().parent.parent),
-                                       env=os.environ.copy() if env is None else env)
+                                       cwd=str(Path(__file__).resolve().parent.parent), env=env)
         svc._log_file = log_file  # type: ignore[attr-defined]
         self.services.append(svc)
 
@@ -239,6 +258,7 @@ class LocalStack:
             cache = FileHashCache(self.config.hash_cache or None)
             plan, model_routes = plan_stack(checkpoints, self.config.share_components, cache)
             cache.save()
+            self._check_gpu_keys(plan)
             stage_services = []
             for planned in plan:
                 model = {"name": planned.served_name, "checkpoint": planned.checkpoint, "device": self.config.device,
@@ -247,6 +267,7 @@ class LocalStack:
                 if planned.kind == "denoiser":
                     data["component"] = planned.component
                 svc = self._write(planned.kind, planned.name, data)
+                svc.gpus = self._gpus(planned.kind, planned.name)
                 self._launch(svc)
                 stage_services.append(svc)
             self._wait_ready(stage_services)
@@ -258,6 +279,7 @@ class LocalStack:
             sec = self.config.security
             orch = self._write("orchestrator", "main", {"server": {"host": host, "port": int(port), **sec.server()},
                                                         "routes": routes, "stage_client": sec.client()})
+            orch.gpus = self._gpus("orchestrator", "main")
             self._launch(orch)
             self._wait_ready([orch])
             self.address = orch.address
@@ -266,6 +288,15 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+
+    def _check_gpu_keys(self, plan: list[PlannedService]) -> None:
+        names = {f"{p.kind}:{p.name}" for p in plan} | {"orchestrator:main"}
+        unknown = [k for k in self.config.stage_gpus if ":" in k and k not in names]
+        if unknown:
+            raise ConfigError(f"stage_gpus names no service of this stack: {unknown}; services: {sorted(names)}")
+
+    def _gpus(self, kind: str, name: str) -> str | None:
+        return self.config.stage_gpus.get(f"{kind}:{name}", self.config.stage_gpus.get(kind))
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM every service (they drain), then SIGKILL what is left after ``grace`` seconds."""

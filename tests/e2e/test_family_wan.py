@@ -63,11 +63,29 @@ def wan_stack(tiny_wan: Path, tiny_wan22: Path, wan22_late: Path, tmp_path_facto
 
     cfg = StackConfig(checkpoints={"tiny-wan": str(tiny_wan), "tiny-wan22": str(tiny_wan22),
                                    "tiny-wan22-late": str(wan22_late)},
-                      listen="127.0.0.1:0", device="cpu", dtype="float32", hash_cache="")
+                      listen="127.0.0.1:0", device="cpu", dtype="float32", hash_cache="",
+                      stage_gpus={"denoiser:tiny-wan22.transformer_2": "1", "vae": "0"})
     stack = LocalStack(cfg, workdir=tmp_path_factory.mktemp("wan-stack"))
     stack.start()
     yield stack
     stack.stop()
+
+
+def test_stage_gpus_reach_the_service_processes(wan_stack) -> None:
+    """``stage_gpus`` sets each named service's ``CUDA_VISIBLE_DEVICES`` (read back from the running processes):
+    Wan2.2's second expert group sees GPU 1, the VAE GPU 0, the others what this process sees."""
+    import os
+
+    def visible(kind: str, name: str) -> str | None:
+        pid = wan_stack.service(kind, name).process.pid
+        env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+        return env.get("CUDA_VISIBLE_DEVICES")
+
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert visible("denoiser", "tiny-wan22.transformer_2") == "1"
+    assert visible("denoiser", "tiny-wan22") == inherited
+    assert {visible("vae", svc.name) for svc in wan_stack.services if svc.kind == "vae"} == {"0"}
+    assert visible("encoder", "tiny-wan") == inherited
 
 
 def _frames(result: generation_pb2.GenerationResult) -> np.ndarray:

@@ -54,3 +54,24 @@ def test_fingerprint_follows_weights_not_save_metadata(tiny_wan: Path, tmp_path:
     save_file(tensors, weights)
     assert stage_fingerprint(load_adapter(moved), "vae", cache) != base["vae"]
     assert stage_fingerprint(load_adapter(moved), "encoder", cache) == base["encoder"]
+
+
+def test_stage_gpus_are_checked_against_kinds_values_and_the_plan(tiny_wan22: Path, tmp_path: Path) -> None:
+    import pytest
+
+    from clients.stack import LocalStack, StackConfig
+    from services.config import ConfigError
+
+    def cfg(gpus: dict[str, str]) -> StackConfig:
+        return StackConfig(checkpoints={"wan22": str(tiny_wan22)}, listen="127.0.0.1:0", device="cpu", hash_cache="",
+                           stage_gpus=gpus)
+
+    with pytest.raises(ConfigError, match="must be a stage kind"):
+        cfg({"transformer": "0"}).validate()
+    with pytest.raises(ConfigError, match=r"comma-separated GPU indices"):
+        cfg({"denoiser": "cuda:1"}).validate()
+    cfg({"denoiser": "0,1", "denoiser:wan22.transformer_2": "2,3", "vae": "0"}).validate()
+    stack = LocalStack(cfg({"denoiser:wan22.expert2": "1"}), workdir=tmp_path)
+    with pytest.raises(ConfigError, match=r"names no service.*denoiser:wan22.transformer_2"):
+        stack.start()  # refused after planning, before any process starts
+    assert not stack.services
