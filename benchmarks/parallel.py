@@ -307,6 +307,19 @@ def phases(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
+LAYOUT_KINDS = ("single", "ulysses", "ring", "usp", "cfg")
+
+
+def layout_kind(name: str) -> str:
+    """The kind of a configuration name: ``single``, ``ulysses`` (``ulysses4``, ``-c3``, ``-untraced``), ``ring``,
+    ``usp`` (``ulysses2xring2``) or ``cfg`` (``cfg2``, ``cfg2xulysses2``)."""
+    if name.startswith("cfg"):
+        return "cfg"
+    if "xring" in name:
+        return "usp"
+    return next(kind for kind in ("single", "ulysses", "ring") if name.startswith(kind))
+
+
 # -- our group ------------------------------------------------------------------------------------------------------
 def our_layouts(spec: Spec, world: int, trace: str = "on", chunks: tuple[int, ...] = (1,)
                 ) -> list[tuple[str, dict[str, Any]]]:
@@ -367,6 +380,8 @@ def run_ours(spec: Spec, handle: Any, world: int, rank: int, device: torch.devic
 
     rows = []
     for name, layout in our_layouts(spec, world, args.trace_collectives, args.ulysses_chunks):
+        if layout_kind(name) not in args.layout_kinds:
+            continue
         overrides = [f"model.checkpoint={spec.checkpoint}", f"model.device={device.type}", f"model.dtype={args.dtype}",
                      "warmup=false", f"runtime.attention_backend={args.attention}", f"runtime.compile={args.compile}",
                      f"runtime.cuda_graphs={str(args.cuda_graphs).lower()}",
@@ -424,6 +439,7 @@ def run_diffusers(spec: Spec, models: list[Any], world: int, rank: int, device: 
         if spec.heads % world == 0:
             configs.append((f"ulysses{world}", {"ulysses_degree": world}))
         configs.append((f"ring{world}", {"ring_degree": world}))
+    configs = [(name, cp) for name, cp in configs if layout_kind(name) in args.layout_kinds]
     rows = []
     for i, (name, cp) in enumerate(configs):
         row = Row(spec.name, "diffusers", name, world)
@@ -617,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="our Ulysses all-to-alls traced into the compiled blocks, kept outside, or both variants")
     p.add_argument("--ulysses-chunks", default="1",
                    help="head-chunk counts to run each of our Ulysses layouts with, comma-separated (e.g. 1,3)")
+    p.add_argument("--layouts", default=",".join(LAYOUT_KINDS),
+                   help=f"kinds of configuration to run, comma-separated, from {list(LAYOUT_KINDS)} (1-GPU rows: single)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="timed forwards per configuration")
@@ -624,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = p.parse_args(argv)
     args.ulysses_chunks = tuple(int(c) for c in args.ulysses_chunks.split(","))
+    args.layout_kinds = {k for k in args.layouts.split(",") if k}
+    if args.layout_kinds - set(LAYOUT_KINDS):
+        p.error(f"--layouts: unknown {sorted(args.layout_kinds - set(LAYOUT_KINDS))}; known: {list(LAYOUT_KINDS)}")
     if args.cuda_graphs and args.compile != "on":
         p.error("--cuda-graphs needs --compile on (the graphs wrap the compiled blocks)")
     cuda = args.device == "cuda"

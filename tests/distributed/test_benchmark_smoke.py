@@ -42,3 +42,19 @@ def test_parallel_benchmark_cpu_smoke(tmp_path: Path) -> None:
             cells = [c.strip() for c in line.split("|")[1:-1]]
             assert float(cells[4]) > 0 and float(cells[6]) > 0, line
             assert "nan" not in cells[8], line
+
+
+def test_parallel_benchmark_runs_only_the_chosen_layout_kinds(tmp_path: Path) -> None:
+    """``--layouts`` keeps the kinds named (here Ulysses only: no 1-rank, Ring or CFG rows): the way to fit a GPU run
+    in one call."""
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, "benchmarks/parallel.py", "--device", "cpu", "--tiny", "--models", "flux",
+                           "--gpus", "1,2", "--layouts", "ulysses", "--results", str(results)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = {tuple(cell.strip() for cell in line.split("|")[2:4]) for line in results.read_text().splitlines()
+            if line.startswith("| flux")}
+    assert rows == {("ours", "ulysses2"), ("diffusers", "ulysses2")}, rows
+    bad = subprocess.run([sys.executable, "benchmarks/parallel.py", "--device", "cpu", "--layouts", "ulyses"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown ['ulyses']" in bad.stderr
