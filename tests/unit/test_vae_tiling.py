@@ -132,3 +132,47 @@ def test_qwen_image_vae_tiles() -> None:
             tiled = vae.decode(z).sample
     assert len(calls) - untiled_calls > 1, "the tiled path did not run"
     assert tiled.shape == ref.shape == (1, 3, 1, 128, 128) and not vae.use_tiling
+
+
+def test_auto_falls_back_to_tiles_on_out_of_memory_and_remembers(tiny_wan: Path, monkeypatch) -> None:
+    """``tiling.mode=auto`` (the VAE service's decode): an untiled decode that runs out of CUDA memory is retried in
+    tiles of ``tile_size``, halved until one fits; the size that fitted is where the next decode of that output size
+    starts; when even ``min_tile_size`` does not fit the request fails with RESOURCE_EXHAUSTED naming the budget.
+    The CPU has no allocator cap, so the out-of-memory errors are injected where the CUDA allocator raises them, by
+    tile size; the decodes themselves are the real VAE's (the GPU test runs the real cap:
+    tests/gpu/test_wan_vae_gpu.py)."""
+    import asyncio
+
+    from services.config import ModelConfig
+    from services.errors import ResourceExhausted
+    from vae_svc.config import TilingConfig, VaeServiceConfig
+    from vae_svc.server import VaeServicer
+
+    servicer = VaeServicer(VaeServiceConfig(model=ModelConfig(checkpoint=str(tiny_wan), device="cpu", dtype="float32"),
+                                            tiling=TilingConfig(mode="auto", tile_size=64, min_tile_size=32),
+                                            memory_budget_mb=512))
+    asyncio.run(servicer.load())
+    real_once = servicer._decode_once
+    tried: list[int | None] = []
+    fits = {"largest": 32}
+
+    def decode_once(latents, params, tile):
+        tried.append(tile)
+        if tile is None or tile > fits["largest"]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_once(latents, params, tile)
+
+    monkeypatch.setattr(servicer, "_decode_once", decode_once)
+    params = SamplingParams(width=96, height=96, steps=1, guidance_scale=0.0, seed=0, frames=5)
+    latents = _latents(servicer.adapter, params)
+    frames, tiled = servicer._decode(latents, params)
+    assert tiled and tried == [None, 64, 32]
+    assert torch.equal(frames, real_once(latents, params, 32))  # the decode that fitted is the one returned
+    tried.clear()
+    servicer._decode(latents, params)
+    assert tried == [32]  # starts from what fitted for this output size
+    fits["largest"] = 16
+    tried.clear()
+    with pytest.raises(ResourceExhausted, match=r"96x96x5 does not fit.*32px tiles; raise memory_budget_mb \(512 MiB\)"):
+        servicer._decode(latents, params)
+    assert tried == [32]
