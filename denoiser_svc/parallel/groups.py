@@ -107,7 +107,10 @@ class RankGroup:
         x = x.contiguous()
         out = torch.empty(self.size * x.numel(), dtype=x.dtype, device=x.device)
         _all_gather_flat(out, x.reshape(-1), group=self.group)
-        # [P * numel] -> [P, *shape] -> P next to dim -> merged into dim
+        return self._merge_gathered(out, x, dim)
+
+    def _merge_gathered(self, out: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every member's ``x`` stacked flat in ``out`` -> ``[P, *shape]`` -> P next to ``dim`` -> merged into it."""
         return out.view(self.size, *x.shape).movedim(0, dim).flatten(dim, dim + 1)
 
     def stack_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +145,7 @@ class RankGroup:
         if self.size == 1:
             return x
         out = funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, self.group))  # [P * d0, ...]
-        return out.view(self.size, *x.shape).movedim(0, dim).flatten(dim, dim + 1)
+        return self._merge_gathered(out, x, dim)
 
     def ring_pass(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Start sending ``x`` to the next member and receiving the previous member's; returns ``wait()`` which

@@ -27,7 +27,7 @@ from services.families.base import (
 )
 from services.families.cache_spec import CacheSpec, block_counts
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
-from services.families.step_constants import StepConstant, StepRows, StepTable, using
+from services.families.step_constants import StepConstant, StepTable, using
 
 
 class FluxAdapter(FamilyAdapter):
@@ -182,7 +182,7 @@ class FluxAdapter(FamilyAdapter):
                 if guidance is not None:
                     args.append(torch.full([n], params.guidance_scale, device=device, dtype=torch.float32).to(dtype)
                                 * 1000)
-                extras["step_tables"] = {branch: StepRows(table.compute(*args, pool.expand(n, -1)))
+                extras["step_tables"] = {branch: table.compute(*args, pool.expand(n, -1))
                                          for branch, (_, pool, _) in texts.items()}
         return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, branch_inputs=inputs,
                             guidance_scale=params.guidance_scale, do_cfg=do_cfg, start_step=start_step,

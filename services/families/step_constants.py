@@ -62,19 +62,19 @@ class StepTable:
     """Step-dependent, token-independent modules of a transformer, computed for every step of a request at once.
 
     ``embed`` maps the per-step inputs (dim 0: steps) to ``temb`` ``[N, C]``; every module of ``projections`` takes
-    ``silu(temb)`` (AdaLN-Zero and AdaLN-continuous modulation). ``compute`` returns the tables; ``StepRows`` serves one
-    step's row of each for ``using``.
+    ``silu(temb)`` (AdaLN-Zero and AdaLN-continuous modulation). ``compute`` returns the tables as ``StepRows``, which
+    serves one step's row of each for ``using``.
     """
 
     def __init__(self, embed: torch.nn.Module, projections: list[torch.nn.Module]):
         self.embed = StepConstant(embed)
         self.projections = [StepConstant(module) for module in projections]
 
-    def compute(self, *embed_args: Any) -> list[tuple[StepConstant, torch.Tensor]]:
+    def compute(self, *embed_args: Any) -> StepRows:
         """``(module, [N, ...] output for every step)`` for the embedding and every projection."""
         temb = self.embed.compute(*embed_args)
         act = torch.nn.functional.silu(temb)
-        return [(self.embed, temb), *((p, p.compute(act)) for p in self.projections)]
+        return StepRows([(self.embed, temb), *((p, p.compute(act)) for p in self.projections)])
 
 
 class StepRows:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.assets import widen_heads
 from services.registry import load_adapter
-from tests.distributed.cases import Case, build_checkpoint, make_job, reference, run_pool, widen_heads
+from tests.distributed.cases import Case, build_checkpoint, make_job, reference, run_pool
 from tests.reference import rel_err
 
 pytestmark = pytest.mark.distributed

@@ -55,8 +55,9 @@ def test_compiled_group_with_cuda_graphs_on_gpus(checkpoints_dir: Path, tmp_path
     """Ulysses traced into the compiled blocks on NCCL, replayed as CUDA graphs (the all-to-alls inside the graphs),
     with and without head chunks, and the untraced variant: each equals the single-GPU eager worker (bf16, 3e-2) and
     the traced ones compile to one graph per block (no graph break)."""
+    from services.assets import widen_heads
     from services.registry import load_adapter
-    from tests.distributed.cases import Case, make_job, widen_heads
+    from tests.distributed.cases import Case, make_job
 
     compiled = ["runtime.compile=on", "runtime.cuda_graphs=true"]
     flux = build_checkpoint("flux", checkpoints_dir)

@@ -120,7 +120,6 @@ def test_step_constants_are_computed_once_per_request(flux) -> None:
     assert float((lean - plain).norm() / plain.norm()) < 1e-5
 
 
-
 def test_step_rows_hand_the_blocks_one_layout_every_step(flux) -> None:
     """Each step serves the tables' rows in the same buffers (pointer, offset, strides, shape), holding step i's
     row. Rows sliced out of the tables moved their storage offset every step, and CUDA graph trees recorded a new
@@ -166,6 +165,7 @@ def test_step_rows_hand_the_blocks_one_layout_every_step(flux) -> None:
         undo_regional_compile(model.transformer)
         torch._dynamo.reset()
     assert torch.equal(first, again)
+
 
 def _worker(tiny_flux, runtime: RuntimeConfig) -> Worker:
     cfg = DenoiserServiceConfig(model=ModelConfig(checkpoint=str(tiny_flux), device="cpu", dtype="float32"),
