@@ -5,6 +5,11 @@
 - ``fuse_projections``: one GEMM for Q, K and V (and for the added text projections) instead of three. The
   separate ``to_q``/``to_k``/``to_v`` weights become views of the fused weight, so no memory is added and any code
   that still calls them computes the same thing.
+- ``fuse_gelu_epilogues``: the tanh-GELU MLPs (diffusers' ``GELU(approximate="tanh")`` projections of Flux, Wan and
+  Qwen-Image feed-forwards, and Flux's single-stream ``proj_mlp``) run as one GEMM with the bias and the GELU in
+  cuBLASLt's epilogue on CUDA, instead of a GEMM followed by an elementwise kernel that reads and writes the whole
+  (4x wide) hidden activation again; Flux's single-stream ``proj_out`` is applied to the attention and MLP parts
+  without concatenating them first. The CPU keeps the plain ops (its fused kernel computes the erf GELU, not tanh).
 - ``regional_compile``: ``torch.compile`` of each instance of the model's repeated block classes (diffusers'
   ``_repeated_blocks``), not of the whole model: one compiled graph serves every block of a class, compile time is
   that of one block, and everything outside the blocks (the step loop, the scheduler, hooks registered on the blocks
@@ -15,9 +20,12 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 from services.config import ConfigError
 from services.log import get_logger
@@ -43,6 +51,9 @@ class RuntimeConfig:
     """``auto``: a backend later in the preference order must be this much faster to replace an earlier one."""
     fuse_qkv: bool = True
     """Fuse the Q/K/V projections (and the added text projections) of every attention module into one GEMM."""
+    fuse_mlp: bool = True
+    """Run tanh-GELU MLP up-projections as one GEMM with the GELU in its epilogue (CUDA), and Flux's single-stream
+    output projection without concatenating its inputs (``fuse_gelu_epilogues``)."""
     compile: Literal["auto", "on", "off"] | bool = "auto"
     """Regional ``torch.compile`` of the repeated transformer blocks; ``auto`` is on for CUDA, off on the CPU.
     (YAML reads a bare on/off as true/false: both spellings are accepted.)"""
@@ -126,6 +137,80 @@ def fuse_projections(model: torch.nn.Module) -> int:
                     lin.bias.data = fused.bias.data[offset:offset + rows]
                 offset += rows
     return n
+
+
+def linear_gelu_tanh(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """``gelu(linear(x), approximate="tanh")``. On CUDA one cuBLASLt GEMM computes it with the bias add and the GELU
+    in the epilogue, on the float32 accumulator (one rounding to the output dtype instead of two); elsewhere the
+    plain ops (the CPU's fused kernel computes the erf GELU, which is not this function)."""
+    if x.is_cuda and linear.bias is not None and x.dtype == linear.weight.dtype and x.shape[-1] > 1:
+        out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    return F.gelu(F.linear(x, linear.weight, linear.bias), approximate="tanh")
+
+
+def linear_of_concat(linear: torch.nn.Linear, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``linear(torch.cat(parts, -1))`` without the concatenation: one GEMM per part on the matching columns of the
+    weight (views, no copy), each accumulated into the output (the first adds the bias)."""
+    weight, offset = linear.weight, 0
+    lead = parts[0].shape[:-1]
+    out: torch.Tensor | None = None
+    for part in parts:
+        k = part.shape[-1]
+        cols = weight[:, offset:offset + k].t()
+        flat = part.reshape(-1, k)
+        if out is None:
+            out = flat @ cols if linear.bias is None else torch.addmm(linear.bias, flat, cols)
+        else:
+            out = torch.addmm(out, flat, cols)
+        offset += k
+    if out is None or offset != weight.shape[1]:
+        raise ValueError(f"parts of widths {[p.shape[-1] for p in parts]} do not cover the {weight.shape[1]} input "
+                         f"features of {linear}")
+    return out.view(*lead, out.shape[-1])
+
+
+def _gelu_projection_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``GELU(approximate="tanh").forward`` (projection, then GELU) as one fused GEMM."""
+    return linear_gelu_tanh(hidden_states, self.proj)
+
+
+_gelu_projection_forward.chitu_block_forward = True  # type: ignore[attr-defined]  # removed by remove_block_forwards
+
+
+def _single_stream_mlp(module: torch.nn.Module) -> bool:
+    """A Flux-style single-stream block: ``proj_out(cat(attention, gelu_tanh(proj_mlp(x))))``."""
+    act, up, out = (getattr(module, n, None) for n in ("act_mlp", "proj_mlp", "proj_out"))
+    return (isinstance(act, torch.nn.GELU) and act.approximate == "tanh" and isinstance(up, torch.nn.Linear)
+            and isinstance(out, torch.nn.Linear) and out.in_features > up.out_features)
+
+
+def fuse_gelu_epilogues(model: torch.nn.Module) -> int:
+    """Route every tanh-GELU MLP of ``model`` through ``linear_gelu_tanh`` (see the module doc); returns how many.
+
+    diffusers' ``GELU`` modules (feed-forward up-projections) get a fused forward; Flux-style single-stream blocks
+    are marked ``chitu_fused_mlp``, which the family's block forward reads (it also applies ``proj_out`` with
+    ``linear_of_concat``). Idempotent; ``unfuse_gelu_epilogues`` undoes it."""
+    from diffusers.models.activations import GELU
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, GELU) and module.approximate == "tanh" and isinstance(module.proj, torch.nn.Linear):
+            if "forward" not in vars(module):
+                module.forward = types.MethodType(_gelu_projection_forward, module)
+            n += 1
+        elif _single_stream_mlp(module):
+            module.chitu_fused_mlp = True
+            n += 1
+    return n
+
+
+def unfuse_gelu_epilogues(model: torch.nn.Module) -> None:
+    """Back to diffusers' own MLP forwards."""
+    for module in model.modules():
+        if getattr(vars(module).get("forward"), "__func__", None) is _gelu_projection_forward:
+            del module.forward
+        vars(module).pop("chitu_fused_mlp", None)
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

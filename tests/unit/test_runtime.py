@@ -4,7 +4,8 @@ steps), on the CPU with the tiny Flux checkpoint in float32.
 Tolerances: fused QKV runs one GEMM instead of three over the same dot products; float32 results differ only in
 summation order (< 1e-5 relative). The dynamo-traced blocks (``aot_eager``: no code generation, same aten ops) and
 the step constants compute exactly what eager does, so those comparisons are bit-exact; the step tables (one GEMM over
-all steps instead of one GEMV per step) agree to float32 rounding (< 1e-5 relative).
+all steps instead of one GEMV per step) agree to float32 rounding (< 1e-5 relative); so does the fused MLP on the
+CPU (the same GELU; the split output projection sums the same products in two GEMMs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from services.attention import LOCAL_SDPA
 from services.config import ConfigError, ModelConfig, load_config
 from services.families.base import SamplingParams
 from services.registry import load_adapter
-from services.runtime import RuntimeConfig, fuse_projections, regional_compile, repeated_blocks, undo_regional_compile
+from services.runtime import (
+    RuntimeConfig,
+    fuse_gelu_epilogues,
+    fuse_projections,
+    linear_gelu_tanh,
+    linear_of_concat,
+    regional_compile,
+    repeated_blocks,
+    undo_regional_compile,
+    unfuse_gelu_epilogues,
+)
 
 CPU = torch.device("cpu")
 PARAMS = SamplingParams(width=64, height=48, steps=3, guidance_scale=3.5, seed=3)
@@ -72,6 +83,47 @@ def test_fused_projections_are_views_and_match(flux) -> None:
     fused = _denoise(adapter, model, conds)
     assert float((fused - ref).norm() / ref.norm()) < 1e-5
     assert fuse_projections(model.transformer) == 3  # idempotent
+
+
+def test_fused_mlp_helpers_compute_the_unfused_ops() -> None:
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(24, 40).double()
+    x = torch.randn(2, 7, 24, generator=g, dtype=torch.float64)
+    ref = torch.nn.functional.gelu(lin(x), approximate="tanh")
+    assert torch.allclose(linear_gelu_tanh(x, lin), ref, rtol=0, atol=1e-12)
+    assert (torch.nn.functional.gelu(lin(x)) - ref).abs().max() > 1e-6  # erf GELU differs: the test can tell them apart
+    out = torch.nn.Linear(24 + 40, 16).double()
+    a, m = x, torch.randn(2, 7, 40, generator=g, dtype=torch.float64)
+    assert torch.allclose(linear_of_concat(out, (a, m)), out(torch.cat([a, m], -1)), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="do not cover the 64 input features"):
+        linear_of_concat(out, (a, a))
+
+
+def test_fused_mlp_matches_and_skips_the_concatenation(flux) -> None:
+    adapter, conds = flux
+    model = adapter.load_denoiser(torch.float32, CPU)
+    adapter.install_attention(model, LOCAL_SDPA)
+    t = model.transformer
+    singles = list(t.single_transformer_blocks)
+    calls: list[str] = []
+    hooks = [b.proj_out.register_forward_hook(lambda *a: calls.append("proj_out")) for b in singles]
+    hooks += [b.act_mlp.register_forward_hook(lambda *a: calls.append("act_mlp")) for b in singles]
+    try:
+        ref = _denoise(adapter, model, conds)
+        assert calls.count("proj_out") == calls.count("act_mlp") == PARAMS.steps * len(singles)
+        # each double block's image and text feed-forwards + each single block's MLP
+        assert fuse_gelu_epilogues(t) == 2 * len(t.transformer_blocks) + len(singles)
+        assert fuse_gelu_epilogues(t) == 2 * len(t.transformer_blocks) + len(singles)  # idempotent
+        calls.clear()
+        fused = _denoise(adapter, model, conds)
+        assert calls == []  # the single blocks no longer run the GELU module nor proj_out on a concatenation
+        assert float((fused - ref).norm() / ref.norm()) < 1e-5
+        unfuse_gelu_epilogues(t)
+        assert not any("forward" in vars(m) for m in t.modules() if type(m).__name__ == "GELU")
+        assert torch.equal(_denoise(adapter, model, conds), ref)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def test_regional_compile_traces_the_blocks_and_keeps_hooks(flux) -> None:
@@ -188,7 +240,8 @@ def _run(worker: Worker, conds) -> torch.Tensor:
     return getattr(done, "latents", done)
 
 
-@pytest.mark.parametrize("runtime", [RuntimeConfig(), RuntimeConfig(attention_backend="sdpa_math", fuse_qkv=False),
+@pytest.mark.parametrize("runtime", [RuntimeConfig(), RuntimeConfig(attention_backend="sdpa_math", fuse_qkv=False,
+                                                                                 fuse_mlp=False),
                                      RuntimeConfig(compile="on", compile_backend="aot_eager")],
                          ids=["auto", "math-unfused", "auto-compiled"])
 def test_worker_applies_the_runtime_config(tiny_flux, flux, runtime: RuntimeConfig) -> None:
@@ -204,6 +257,7 @@ def test_worker_applies_the_runtime_config(tiny_flux, flux, runtime: RuntimeConf
     # the warm-up counts the graph breaks of the compiled blocks: none in a single process
     assert facts.get("compile_graph_breaks", "absent") == ("0" if runtime.compile == "on" else "absent")
     assert facts.get("fused_attention_modules", "0") == ("3" if runtime.fuse_qkv else "0")
+    assert facts.get("fused_mlp_modules", "0") == ("4" if runtime.fuse_mlp else "0")
     ours = _run(worker, conds)
     assert float((ours - reference).norm() / reference.norm()) < 1e-5
 

@@ -6,6 +6,8 @@ not depend on attention. diffusers runs it first, then attention; our block forw
 processor, which starts attention (``AttentionOps.start``: under Ulysses the q/k/v all-to-all is launched), runs the
 MLP while the exchange is in flight, then finishes attention. The same operations on the same values, in another
 order: outputs are bit-identical (tested); on one GPU there is nothing to overlap and nothing changes.
+With ``runtime.fuse_mlp`` (``services.runtime.fuse_gelu_epilogues`` marks the block) the MLP's GELU runs in its GEMM's
+epilogue and ``proj_out`` is applied to the two parts without concatenating them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from diffusers.models.transformers.transformer_flux import (
 )
 
 from services.attention import AttentionOps
+from services.runtime import linear_gelu_tanh, linear_of_concat
 
 
 class FluxJointAttnProcessor:
@@ -76,16 +79,21 @@ def single_block_forward(self: FluxSingleTransformerBlock, hidden_states: torch.
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
     mlp: list[torch.Tensor] = []
+    fused = getattr(self, "chitu_fused_mlp", False)
 
     def run_mlp() -> None:
-        mlp.append(self.act_mlp(self.proj_mlp(norm_hidden_states)))
+        mlp.append(linear_gelu_tanh(norm_hidden_states, self.proj_mlp) if fused
+                   else self.act_mlp(self.proj_mlp(norm_hidden_states)))
 
     attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, overlap=run_mlp,
                             **(joint_attention_kwargs or {}))
     if not mlp:
         run_mlp()
-    hidden_states = torch.cat([attn_output, mlp[0]], dim=2)
-    hidden_states = residual + gate.unsqueeze(1) * self.proj_out(hidden_states)
+    if fused:
+        projected = linear_of_concat(self.proj_out, (attn_output, mlp[0]))
+    else:
+        projected = self.proj_out(torch.cat([attn_output, mlp[0]], dim=2))
+    hidden_states = residual + gate.unsqueeze(1) * projected
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
     return hidden_states[:, :text_len], hidden_states[:, text_len:]
