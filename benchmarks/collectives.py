@@ -87,6 +87,15 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
             p2p_error = ""
         except Exception as exc:  # noqa: BLE001 - reported in the table
             p2p_error = f"{type(exc).__name__}: {exc}"[:200]
+    # NCCL communicators limited to n CTAs (SMs): slower alone, but they may leave a concurrent GEMM its SMs
+    limited, ctas_error = {}, ""
+    for n in args.max_ctas if cuda else []:
+        try:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts.config.max_ctas = n
+            limited[n] = dist.new_group(list(range(world)), backend="nccl", pg_options=opts)
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            ctas_error = f"{type(exc).__name__}: {exc}"[:200]
     streams = [torch.cuda.Stream(dev) for _ in range(world)] if cuda else []
     if args.overlap:
         a = torch.randn(8192, 8192, device=dev, dtype=dtype)
@@ -128,6 +137,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
             handle.barrier(channel=0)
 
         impls = {dist.get_backend(): c10d}
+        for n, pg in limited.items():
+            impls[f"nccl, max {n} CTAs"] = lambda out=out, x=x, pg=pg: dist.all_to_all_single(out, x, group=pg)
         if handle is not None:
             impls["p2p"] = p2p
             impls["p2p-streams"] = lambda: p2p(True)
@@ -149,7 +160,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                 row["gemm_ms"] = gemm_alone
             rows.append(row)
     if rank == 0:
-        queue.put({"rows": rows, "p2p_error": p2p_error, "card": torch.cuda.get_device_name(dev) if cuda else "cpu",
+        queue.put({"rows": rows, "p2p_error": p2p_error, "ctas_error": ctas_error, "card": torch.cuda.get_device_name(dev) if cuda else "cpu",
                    "torch": torch.__version__})
     dist.barrier()
     dist.destroy_process_group()
@@ -163,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--overlap", action="store_true", help="also time each exchange beside an 8192^3 bf16 GEMM")
+    p.add_argument("--max-ctas", default="", help="also NCCL communicators limited to these CTA counts, e.g. 4,8,16 "
+                   "(CUDA; with --overlap: does a smaller footprint let the exchange hide beside a GEMM?)")
     p.add_argument("--results", default=None, help="append the table to this markdown file")
     args = p.parse_args(argv)
+    args.max_ctas = [int(v) for v in args.max_ctas.split(",") if v]
     import socket
 
     import torch
@@ -195,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['size']} | {r['impl']} | {r['ms']:.3f} | {r['gbps']:.1f} | {r['exact']} | {ov} |")
     if got["p2p_error"]:
         lines.append(f"\np2p unavailable: {got['p2p_error']}")
+    if got["ctas_error"]:
+        lines.append(f"\nCTA-limited NCCL communicators unavailable: {got['ctas_error']}")
     text = "\n".join(lines)
     print(text, flush=True)
     if args.results:

@@ -417,10 +417,11 @@ def restore_diffusers_processors(transformer: torch.nn.Module, backend: str) -> 
     from diffusers.models.attention import AttentionModuleMixin
 
     from services.families.processors import remove_block_forwards
-    from services.runtime import undo_regional_compile
+    from services.runtime import undo_regional_compile, unfuse_gelu_epilogues
 
     undo_regional_compile(transformer)  # ours may have compiled this model's blocks
     remove_block_forwards(transformer)  # diffusers' own block forwards too, not only its processors
+    unfuse_gelu_epilogues(transformer)  # and its own MLPs (ours run the GELU in the GEMM epilogue)
     for module in transformer.modules():
         if isinstance(module, AttentionModuleMixin):
             module.set_processor(module._default_processor_cls())
@@ -574,10 +575,25 @@ def launch(world: int, args: argparse.Namespace) -> list[Row]:
     procs = [ctx.Process(target=rank_main, args=(r, world, port, args, str(out))) for r in range(world)]
     for p in procs:
         p.start()
+    # rank 0 writes every row before the group's final barrier; a group that then hangs in its teardown (seen on 2x
+    # H200 after CUDA-graph runs: no rank returned from the barrier / NCCL destroy) must not cost the other worlds
+    written = None
+    while any(p.is_alive() for p in procs):
+        if written is None and out.is_file():
+            written = time.monotonic()
+        if written is not None and time.monotonic() - written > args.teardown_s:
+            stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+            print(f"-- the {world}-rank group wrote its rows but ranks {stuck} did not exit within "
+                  f"{args.teardown_s:.0f} s: killed", flush=True)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            break
+        time.sleep(0.5)
     for p in procs:
         p.join()
     codes = [p.exitcode for p in procs]
-    if any(codes) or not out.is_file():
+    if not out.is_file() or (written is None and any(codes)):
         raise RuntimeError(f"the {world}-rank group failed (exit codes {codes})")
     return [Row(**r) for r in json.loads(out.read_text())]
 
@@ -640,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=None, help="timed forwards per configuration")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    p.add_argument("--teardown-s", type=float, default=60.0,
+                   help="seconds a group may take to exit after rank 0 wrote its rows, then its ranks are killed")
     args = p.parse_args(argv)
     args.ulysses_chunks = tuple(int(c) for c in args.ulysses_chunks.split(","))
     args.layout_kinds = {k for k in args.layouts.split(",") if k}

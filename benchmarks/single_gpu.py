@@ -38,7 +38,14 @@ from services.attention import AttentionOps  # noqa: E402
 from services.attention.autotune import ShapeRecorder  # noqa: E402
 from services.attention.backends import AttentionSpec, BackendName, get_backend, usable_backends  # noqa: E402
 from services.attention.selection import select_kernels  # noqa: E402
-from services.runtime import RuntimeConfig, fuse_projections, regional_compile, undo_regional_compile  # noqa: E402
+from services.runtime import (  # noqa: E402
+    RuntimeConfig,
+    fuse_gelu_epilogues,
+    fuse_projections,
+    regional_compile,
+    undo_regional_compile,
+    unfuse_gelu_epilogues,
+)
 
 FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
             "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
@@ -184,6 +191,7 @@ def set_diffusers_backend(model: torch.nn.Module, name: str | None) -> None:
     from services.families.processors import remove_block_forwards
 
     remove_block_forwards(model)  # diffusers' own block forwards too, not only its processors
+    unfuse_gelu_epilogues(model)  # and its own MLPs
     if "wan" in _DISPATCH:
         import diffusers.models.transformers.transformer_wan as tw
 
@@ -400,6 +408,15 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         undo_regional_compile(m)
     fused = fuse_projections(m) if args.fuse else 0
     bench.facts[f"{case.name}_fused_modules"] = fused
+    if args.fuse and "unfused" in args.compare:  # the fused-MLP effect (GELU in the GEMM epilogue), fused QKV on
+        case.install(m, ops)
+        torch._dynamo.reset()
+        regional_compile(m, RuntimeConfig(compile="on", compile_backend=args.compile_backend), bench.device)
+        with torch.inference_mode():
+            case.our_forward()
+        timed(f"ours compiled default {auto_joint.name.value} unfused MLP", case.our_forward)
+        undo_regional_compile(m)
+    bench.facts[f"{case.name}_fused_mlp_modules"] = fuse_gelu_epilogues(m) if args.fuse else 0
     case.install(m, ops)
     with torch.inference_mode():
         exact_out = case.our_forward().float()  # the exact output lossy kernels are compared with (PSNR)
@@ -567,11 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=520, help="skip remaining variants after this many seconds")
     ap.add_argument("--quick", action="store_true", help="only the default compile mode")
-    ap.add_argument("--no-fuse", dest="fuse", action="store_false", help="ours without fused QKV projections")
+    ap.add_argument("--no-fuse", dest="fuse", action="store_false", help="ours without fused QKV projections and MLPs")
     ap.add_argument("--service-steps", type=int, default=12)
     ap.add_argument("--profile", action="store_true", help="write the top kernels of compiled forwards to OUT")
     ap.add_argument("--compare", default="eager,unfused", help="extra rows: eager (ours eager per backend), "
-                    "unfused (ours compiled without fused QKV)")
+                    "unfused (ours compiled without fused QKV, then fused QKV without the fused MLP)")
     ap.add_argument("--wan-reps", type=int, default=5)
     ap.add_argument("--modes", default="default,reduce-overhead,max-autotune-no-cudagraphs",
                     help="inductor modes of ours compiled, in order")
