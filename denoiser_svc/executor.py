@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.parallel.control import AddRequest, ControlChannel, Drop, Shutdown, Step
-from denoiser_svc.parallel.launch import Heartbeat, Rendezvous, spawn_workers
+from denoiser_svc.parallel.launch import Heartbeat, Rendezvous, destroy_group, spawn_workers
 from denoiser_svc.parallel.sharding import check_layout
 from denoiser_svc.types import DenoiseJob, FinishedRequest
 from denoiser_svc.worker import StepHandle, Worker
@@ -146,6 +146,8 @@ class MultiProcExecutor:
         self._failed = asyncio.Event()
         self._failure = ""
         self._healthy = False
+        self.left_cleanly = True
+        """False when shutdown's ``destroy_process_group`` did not return in time (the process then exits hard)."""
         self._watch_task: asyncio.Task | None = None
 
     # -- start -------------------------------------------------------------------------------------------------------
@@ -307,8 +309,10 @@ class MultiProcExecutor:
         if self._watch_task is not None:
             self._watch_task.cancel()
         if was_healthy and self.worker is not None:
+            self.left_cleanly = False  # until the destroy below returns
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.thread.run(self._destroy), timeout=30)
+                await asyncio.wait_for(self.thread.run(self._destroy),
+                                       timeout=self.config.parallel.destroy_timeout_seconds + 30)
         self.thread.shutdown()
         if self._config_dir is not None:
             self._config_dir.cleanup()
@@ -316,12 +320,9 @@ class MultiProcExecutor:
             raise GroupFailed(self._failure)
 
     def _destroy(self) -> None:
-        import torch.distributed as dist
-
         if self.worker is not None:
             self.worker.shutdown()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.left_cleanly = destroy_group(self.config.parallel.destroy_timeout_seconds)
 
     def _stop_children(self, grace: float) -> None:
         deadline = time.monotonic() + grace
@@ -350,9 +351,14 @@ def run_group_process(config: DenoiserServiceConfig,
     rdv = Rendezvous.from_torchrun()
     if rdv is not None and config.parallel.world_size > 1 and rdv.rank != 0:
         raise SystemExit(worker_main.run_worker(config, rdv))
+    executor = make_executor(config, rdv)
     try:
-        asyncio.run(serve(config, make_executor(config, rdv)))
+        asyncio.run(serve(config, executor))
     except GroupFailed as exc:
         log.error("denoiser_group_exit", reason=str(exc), exit_code=1)
         # a work thread may still be blocked in a collective with the dead rank: leave without joining it
         os._exit(1)
+    if not getattr(executor, "left_cleanly", True):
+        log.warning("denoiser_group_exit_without_destroy", exit_code=0)
+        # drained and shut down, but the process group's destroy did not return: the interpreter would wait for it
+        os._exit(0)

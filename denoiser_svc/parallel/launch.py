@@ -162,3 +162,31 @@ class Heartbeat:
                     self.on_dead(f"the rendezvous store stopped answering ({type(exc).__name__}: {exc})")
                 return
             self._stop.wait(self.config.heartbeat_seconds)
+
+
+def run_bounded(fn: Callable[[], object], timeout: float, name: str) -> bool:
+    """Run ``fn`` in a daemon thread and wait at most ``timeout`` seconds; True when it returned (or raised: logged).
+    For teardown calls that may never return (``destroy_process_group`` after NCCL ran inside CUDA graphs): the
+    caller then leaves the process with ``os._exit`` instead of letting the interpreter wait for the call."""
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - teardown: report and go on
+            log.exception("teardown_call_failed", call=name)
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=f"bounded-{name}", daemon=True).start()
+    if done.wait(timeout):
+        return True
+    log.warning("teardown_call_timed_out", call=name, timeout_seconds=timeout)
+    return False
+
+
+def destroy_group(timeout: float) -> bool:
+    """``destroy_process_group`` bounded by ``timeout`` (see ``run_bounded``); True when it finished."""
+    if not dist.is_initialized():
+        return True
+    return run_bounded(dist.destroy_process_group, timeout, "destroy_process_group")

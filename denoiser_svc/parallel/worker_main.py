@@ -15,7 +15,7 @@ import sys
 
 from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.parallel.control import ControlChannel, follow
-from denoiser_svc.parallel.launch import Heartbeat, Rendezvous
+from denoiser_svc.parallel.launch import Heartbeat, Rendezvous, destroy_group
 from services.log import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -54,10 +54,11 @@ def run_worker(config: DenoiserServiceConfig, rdv: Rendezvous) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not destroy_group(config.parallel.destroy_timeout_seconds):
+        # the destroy is stuck in NCCL: leave without it (the interpreter would wait for it at exit)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

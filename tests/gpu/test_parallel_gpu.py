@@ -79,3 +79,51 @@ def test_compiled_group_with_cuda_graphs_on_gpus(checkpoints_dir: Path, tmp_path
             failures.append(report[-1])
     print("\n".join(report))
     assert not failures, "\n".join(failures + report)
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs at least 2 CUDA devices")
+def test_served_cuda_graph_group_serves_and_exits_on_sigterm(checkpoints_dir: Path, tmp_path: Path) -> None:
+    """``chitu serve denoiser`` as a 2-GPU Ulysses group, compiled with CUDA graphs (the NCCL all-to-alls inside the
+    graphs): a request equals the single-GPU worker (bf16, 3e-2), and SIGTERM to the whole process group ends every
+    rank with exit code 0 within a minute (the benchmark's groups hung in their teardown after CUDA-graph runs; a
+    serving group must not: Kubernetes would wait out the pod's grace period)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from services.registry import load_adapter
+    from tests.distributed.cases import make_job
+    from tests.distributed.test_group_service import DenoiserProcess, denoise, info, to_request
+
+    ckpt = build_checkpoint("flux", checkpoints_dir)
+    job = make_job(load_adapter(ckpt), "served-graphs")
+    group = DenoiserProcess(tmp_path / "group", ckpt, {
+        "model": {"checkpoint": str(ckpt), "device": "cuda", "dtype": "bfloat16"},
+        "parallel": {"ulysses_degree": 2}, "runtime": {"compile": "on", "cuda_graphs": True},
+        "server": {"grace_seconds": 30}})
+    try:
+        address = group.wait_ready(timeout=400)
+        worker_pid = int(info(address)["worker_pids"])
+        got = denoise(address, to_request(job, ckpt.name), timeout=180)
+        err = rel_err(got.float(), reference(ckpt, job, device="cuda", dtype="bfloat16").float())
+        print(f"served 2-GPU CUDA-graph group: rel err {err:.2e}")
+        assert err <= 3e-2, err
+        t0 = time.monotonic()
+        os.killpg(group.proc.pid, signal.SIGTERM)
+        try:
+            code = group.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the group did not exit within 90 s of SIGTERM:\n{group.tail()}") from None
+        print(f"exit code {code} after {time.monotonic() - t0:.1f} s; the log's end:\n{group.tail(2500)}")
+        assert code == 0, group.tail()
+        for _ in range(100):  # the worker rank exited after rank 0's shutdown
+            try:
+                os.kill(worker_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"worker rank {worker_pid} still running\n{group.tail()}")
+    finally:
+        group.stop()
