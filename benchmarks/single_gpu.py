@@ -398,24 +398,22 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
                            if mm.ok and not mm.lossy and mm.kind == "cross" and mm.backend == sel.get("cross").name)
         bench.facts[f"{case.name}_attention_floor_s"] = best_attn_s / 1000
     ops = AttentionOps(joint=auto_joint.fn, cross=sel.get("cross").fn)
-    if args.fuse and "unfused" in args.compare:  # the fused-QKV effect, measured before fusing
+    def compiled_without(what: str) -> None:
+        """Ours compiled before a fusion is applied: the fusion's effect, as one more row."""
+        if not (args.fuse and "unfused" in args.compare):
+            return
         case.install(m, ops)
         torch._dynamo.reset()
         regional_compile(m, RuntimeConfig(compile="on", compile_backend=args.compile_backend), bench.device)
         with torch.inference_mode():
             case.our_forward()
-        timed(f"ours compiled default {auto_joint.name.value} unfused QKV", case.our_forward)
+        timed(f"ours compiled default {auto_joint.name.value} unfused {what}", case.our_forward)
         undo_regional_compile(m)
+
+    compiled_without("QKV")
     fused = fuse_projections(m) if args.fuse else 0
     bench.facts[f"{case.name}_fused_modules"] = fused
-    if args.fuse and "unfused" in args.compare:  # the fused-MLP effect (GELU in the GEMM epilogue), fused QKV on
-        case.install(m, ops)
-        torch._dynamo.reset()
-        regional_compile(m, RuntimeConfig(compile="on", compile_backend=args.compile_backend), bench.device)
-        with torch.inference_mode():
-            case.our_forward()
-        timed(f"ours compiled default {auto_joint.name.value} unfused MLP", case.our_forward)
-        undo_regional_compile(m)
+    compiled_without("MLP")  # fused QKV, the MLP's GELU not yet in the GEMM epilogue
     bench.facts[f"{case.name}_fused_mlp_modules"] = fuse_gelu_epilogues(m) if args.fuse else 0
     case.install(m, ops)
     with torch.inference_mode():
