@@ -33,10 +33,14 @@ def test_destroy_group_destroys_a_real_group() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    assert dist.is_initialized()
-    assert destroy_group(10.0)
-    assert not dist.is_initialized()
-    assert destroy_group(10.0)  # nothing to destroy
+    try:
+        assert dist.is_initialized()
+        assert destroy_group(10.0)
+        assert not dist.is_initialized()
+        assert destroy_group(10.0)  # nothing to destroy
+    finally:
+        if dist.is_initialized():  # never leave a default group to the other tests of this process
+            dist.destroy_process_group()
 
 
 def test_destroy_timeout_is_validated(tiny_flux) -> None:
