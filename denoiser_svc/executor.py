@@ -76,6 +76,9 @@ class Executor(Protocol):
     async def shutdown(self) -> None:
         """Stop every rank."""
 
+    left_cleanly: bool
+    """False when shutdown could not destroy the process group in time: the process must then exit hard."""
+
 
 class UniProcExecutor:
     """A group of one: the worker lives in this process."""
@@ -85,6 +88,7 @@ class UniProcExecutor:
         self.worker = Worker(config)
         self.thread = WorkThread("denoiser")
         self._healthy = False
+        self.left_cleanly = True  # no process group to destroy
 
     async def start(self) -> None:
         await self.thread.run(self.worker.init_device)
@@ -147,7 +151,6 @@ class MultiProcExecutor:
         self._failure = ""
         self._healthy = False
         self.left_cleanly = True
-        """False when shutdown's ``destroy_process_group`` did not return in time (the process then exits hard)."""
         self._watch_task: asyncio.Task | None = None
 
     # -- start -------------------------------------------------------------------------------------------------------
@@ -358,7 +361,7 @@ def run_group_process(config: DenoiserServiceConfig,
         log.error("denoiser_group_exit", reason=str(exc), exit_code=1)
         # a work thread may still be blocked in a collective with the dead rank: leave without joining it
         os._exit(1)
-    if not getattr(executor, "left_cleanly", True):
+    if not executor.left_cleanly:
         log.warning("denoiser_group_exit_without_destroy", exit_code=0)
         # drained and shut down, but the process group's destroy did not return: the interpreter would wait for it
         os._exit(0)

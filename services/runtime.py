@@ -143,7 +143,7 @@ def linear_gelu_tanh(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     """``gelu(linear(x), approximate="tanh")``. On CUDA one cuBLASLt GEMM computes it with the bias add and the GELU
     in the epilogue, on the float32 accumulator (one rounding to the output dtype instead of two); elsewhere the
     plain ops (the CPU's fused kernel computes the erf GELU, which is not this function)."""
-    if x.is_cuda and linear.bias is not None and x.dtype == linear.weight.dtype and x.shape[-1] > 1:
+    if x.is_cuda and linear.bias is not None and x.dtype == linear.weight.dtype:
         out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
         return out.view(*x.shape[:-1], out.shape[-1])
     return F.gelu(F.linear(x, linear.weight, linear.bias), approximate="tanh")
@@ -152,11 +152,12 @@ def linear_gelu_tanh(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
 def linear_of_concat(linear: torch.nn.Linear, parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """``linear(torch.cat(parts, -1))`` without the concatenation: one GEMM per part on the matching columns of the
     weight (views, no copy), each accumulated into the output (the first adds the bias)."""
-    weight, offset = linear.weight, 0
-    lead = parts[0].shape[:-1]
-    out: torch.Tensor | None = None
-    for part in parts:
-        k = part.shape[-1]
+    weight = linear.weight
+    widths = [part.shape[-1] for part in parts]
+    if not parts or sum(widths) != weight.shape[1]:
+        raise ValueError(f"parts of widths {widths} do not cover the {weight.shape[1]} input features of {linear}")
+    out, offset = None, 0
+    for part, k in zip(parts, widths, strict=True):
         cols = weight[:, offset:offset + k].t()
         flat = part.reshape(-1, k)
         if out is None:
@@ -164,10 +165,7 @@ def linear_of_concat(linear: torch.nn.Linear, parts: Sequence[torch.Tensor]) -> 
         else:
             out = torch.addmm(out, flat, cols)
         offset += k
-    if out is None or offset != weight.shape[1]:
-        raise ValueError(f"parts of widths {[p.shape[-1] for p in parts]} do not cover the {weight.shape[1]} input "
-                         f"features of {linear}")
-    return out.view(*lead, out.shape[-1])
+    return out.view(*parts[0].shape[:-1], out.shape[-1])
 
 
 def _gelu_projection_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -155,9 +155,9 @@ def test_fused_mlp_kernels_match_float32(tokens, dim, hidden) -> None:
         h32 = torch.nn.functional.gelu(torch.nn.functional.linear(x.float(), up.weight.float(), up.bias.float()),
                                        approximate="tanh")
         ref = torch.nn.functional.linear(torch.cat([attn.float(), h32], -1), down.weight.float(), down.bias.float())
+        h = linear_gelu_tanh(x, up)
+        assert h.dtype == torch.bfloat16 and float((h.float() - h32).norm() / h32.norm()) < 1e-2
         for name, fn in (("eager", fused), ("compiled", torch.compile(fused))):
-            h = linear_gelu_tanh(x, up)
-            assert h.dtype == torch.bfloat16 and float((h.float() - h32).norm() / h32.norm()) < 1e-2
             out = fn(x, attn)
             err = float((out.float() - ref).norm() / ref.norm())
             print(f"fused MLP {name} {tokens}x{dim}->{hidden}: rel err {err:.2e}")
