@@ -13,6 +13,8 @@ Kernels:
 - ``sdpa_math``: attention written out in float32 (chunked over queries to bound memory); the exact reference,
   usable everywhere.
 - ``sage``: SageAttention 1.0.6 (8-bit Q/K, Triton; lossy), when the package is installed.
+- ``flash_attn4``: FlashAttention-4 (``flash_attn.cute``, the ``flash-attn-4`` package: CuTe-DSL kernels compiled
+  at the first call, Hopper and Blackwell), when installed; an opaque custom op under ``torch.compile``.
 - ``flash_attn`` / ``flash_attn3``: the flash-attn packages (FA2 / FA3 on Hopper), when installed.
 
 A kernel with ``supports_lse`` also answers ``fn_lse(q, k, v, key_mask) -> (out [B, S_q, H, D],
@@ -43,6 +45,7 @@ class BackendName(StrEnum):
     PyTorch's heuristics would pick), then PyTorch's own choice, then the float32 reference."""
 
     SDPA_CUDNN = "sdpa_cudnn"
+    FLASH_ATTN4 = "flash_attn4"
     FLASH_ATTN3 = "flash_attn3"
     SDPA_FLASH = "sdpa_flash"
     FLASH_ATTN = "flash_attn"
@@ -119,9 +122,17 @@ class Constraints:
             out.append("no key mask support")
         if spec.needs_lse and not self.supports_lse:
             out.append("returns no log-sum-exp")
-        if self.requires and importlib.util.find_spec(self.requires) is None:
+        if self.requires and not _importable(self.requires):
             out.append(f"package {self.requires!r} is not installed")
         return out
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` (dotted names too: its parents are imported to look) can be imported."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing (or fails to import)
+        return False
 
 
 Impl = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
@@ -327,7 +338,30 @@ def _sage(q, k, v, key_mask, return_lse):
     return _sage_op(q, k, v)
 
 
-@register(BackendName.FLASH_ATTN, Constraints(min_capability=(8, 0), supports_lse=True, requires="flash_attn"),
+@torch.library.custom_op("chitu::flash_attn4", mutates_args=())
+def _fa4_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute import flash_attn_func
+
+    out, lse = flash_attn_func(q, k, v, causal=False, return_lse=True)
+    return out, lse.float()
+
+
+@_fa4_op.register_fake
+def _(q, k, v):
+    b, s, h, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@register(BackendName.FLASH_ATTN4, Constraints(min_capability=(9, 0), supports_lse=True, requires="flash_attn.cute"),
+          "FlashAttention-4 (flash-attn-4 package: CuTe-DSL kernels for Hopper and Blackwell)")
+def _flash_attn4(q, k, v, key_mask, return_lse):
+    out, lse = _fa4_op(q, k, v)
+    return (out, lse) if return_lse else out
+
+
+# FA2's own module: the flash-attn-4 wheel installs ``flash_attn/cute`` alone, so ``flash_attn`` can exist without FA2
+@register(BackendName.FLASH_ATTN, Constraints(min_capability=(8, 0), supports_lse=True,
+                                              requires="flash_attn.flash_attn_interface"),
           "flash-attn 2 package")
 def _flash_attn(q, k, v, key_mask, return_lse):
     from flash_attn import flash_attn_func

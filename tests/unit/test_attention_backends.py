@@ -7,6 +7,8 @@ against a float64 reference agree to ~1e-7 relative, so 1e-5 leaves room for sum
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -86,6 +88,8 @@ def test_unusable_backend_lists_usable_ones_and_why() -> None:
     (AttentionSpec("cuda", torch.bfloat16, 128, needs_lse=True, capability=(9, 0)), BackendName.SAGE,
      "log-sum-exp"),
     (AttentionSpec("cuda", torch.bfloat16, 128, capability=(9, 0)), BackendName.FLASH_ATTN, "not installed"),
+    (AttentionSpec("cuda", torch.bfloat16, 128, capability=(9, 0)), BackendName.FLASH_ATTN4, "not installed"),
+    (AttentionSpec("cuda", torch.bfloat16, 128, capability=(8, 0)), BackendName.FLASH_ATTN4, "capability >= 9.0"),
 ])
 def test_constraint_violations_name_the_reason(spec, name, reason) -> None:
     backend = next(b for b in all_backends() if b.name == name)
@@ -228,3 +232,21 @@ def test_select_kernels_config_paths() -> None:
     ops = AttentionOps(joint=ring.get("joint").fn, cross=ring.get("cross").fn)
     q, k, v = _qkv(sq=20, sk=20, h=2, d=16)
     assert ops.joint(q, k, v, None).shape == q.shape
+
+
+def test_flash_attn4_alone_is_not_taken_for_flash_attn2(tmp_path, monkeypatch) -> None:
+    """The flash-attn-4 wheel installs ``flash_attn/cute`` without FA2: a namespace package ``flash_attn`` then
+    exists, and only ``flash_attn4`` may count as installed."""
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)  # restored at teardown
+    spec = AttentionSpec("cuda", torch.bfloat16, 128, capability=(9, 0))
+    by_name = {b.name: b for b in all_backends()}
+    try:
+        assert by_name[BackendName.FLASH_ATTN4].constraints.violations(spec) == []
+        assert any("not installed" in why for why in by_name[BackendName.FLASH_ATTN].constraints.violations(spec))
+    finally:  # the namespace package imported from tmp_path must not outlive the test
+        for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+            del sys.modules[name]

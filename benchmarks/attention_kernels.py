@@ -1,0 +1,135 @@
+"""Attention kernels at the real models' shapes, on one GPU: every usable backend of the registry (what ``auto``
+measures at start-up), in TFLOP/s, with its error against the float32 math kernel.
+
+Shapes (batch 1, bf16): Flux.1-dev 1024^2 joint attention 4608 x 24 x 128; Wan2.1-1.3B 480p x 81f self-attention
+32760 x 12 x 128 and its cross-attention 32760 -> 512. ``--layouts`` also times cuDNN on contiguous ``[B, H, S, D]``
+inputs (the registry passes ``[B, S, H, D]`` tensors as transposed views), with the copies that layout needs;
+``--fa4-tiles`` times FlashAttention-4 with other tile shapes than its own heuristic.
+
+    python benchmarks/attention_kernels.py [--shapes flux,wan,wan-cross] [--reps 20] [--layouts] [--fa4-tiles]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.attention.autotune import CallShape, _timer, measure  # noqa: E402
+
+SHAPES = {
+    "flux": CallShape("joint", (1, 4608, 24, 128), (1, 4608, 24, 128), torch.bfloat16, False),
+    "wan": CallShape("joint", (1, 32760, 12, 128), (1, 32760, 12, 128), torch.bfloat16, False),
+    "wan-cross": CallShape("cross", (1, 32760, 12, 128), (1, 512, 12, 128), torch.bfloat16, False),
+}
+
+
+def flop(shape: CallShape) -> float:
+    b, sq, h, d = shape.q
+    return 4.0 * b * h * sq * shape.k[1] * d
+
+
+def _time_ms(call, reps: int) -> float:
+    """Median device time of ``call``, timed as ``auto`` times kernels (host launch work covered)."""
+    timer = _timer(torch.device("cuda"))
+    for _ in range(3):
+        call()
+    return statistics.median(timer(call) for _ in range(reps))
+
+
+def _bshd_inputs(shape: CallShape):
+    g = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(shape.q, generator=g, device="cuda", dtype=shape.dtype)
+    k = torch.randn(shape.k, generator=g, device="cuda", dtype=shape.dtype)
+    return q, k, torch.randn_like(k)
+
+
+def layout_rows(shape: CallShape, reps: int) -> list[tuple[str, float]]:
+    """cuDNN attention with its inputs in other memory layouts, each timed with the copies it needs so that the
+    caller gets ``[B, S, H*D]`` rows for the output projection (what a model block does next)."""
+    q, k, v = _bshd_inputs(shape)
+    b, s, h, d = shape.q
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, S, D] contiguous
+
+    def heads_major():  # inputs [B, H, S, D] contiguous; the output comes back in q's layout: one copy to rows
+        return cudnn(qh, kh, vh, None, False, 0.0, False, False)[0].transpose(1, 2).reshape(b, s, h * d)
+
+    def qk_heads_major():  # q, k [B, H, S, D] contiguous, v a [B, S, H, D] view
+        return cudnn(qh, kh, v.transpose(1, 2), None, False, 0.0, False, False)[0].transpose(1, 2).reshape(b, s,
+                                                                                                       h * d)
+
+    def rows_major():  # the registry's call: [B, S, H, D] tensors as transposed views, output in q's layout
+        return cudnn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, False, 0.0, False,
+                     False)[0].transpose(1, 2).reshape(b, s, h * d)
+
+    return [("sdpa_cudnn, [B,S,H,D] views (registry)", _time_ms(rows_major, reps)),
+            ("sdpa_cudnn, q/k/v [B,H,S,D] contiguous, + output to rows", _time_ms(heads_major, reps)),
+            ("sdpa_cudnn, q/k [B,H,S,D], v view, + output to rows", _time_ms(qk_heads_major, reps))]
+
+
+FA4_TILES = [((128, 128), True, True), ((128, 128), False, True), ((128, 144), True, True), ((128, 160), True, True),
+             ((128, 176), True, True), ((128, 176), False, True), ((128, 192), True, True), ((128, 112), True, True),
+             ((192, 128), False, True), ((128, 96), True, True)]
+
+
+def fa4_tile_rows(shape: CallShape, reps: int) -> list[tuple[str, float]]:
+    """FlashAttention-4's forward with other tile shapes than its SM90 heuristic (128 x 128, RS, overlap)."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    q, k, v = _bshd_inputs(shape)
+    ref = _flash_attn_fwd(q, k, v)[0]
+    rows = []
+    for tile, rs, overlap in FA4_TILES:
+        label = f"flash_attn4 tile {tile[0]}x{tile[1]}{' RS' if rs else ''}{' OL' if overlap else ''}"
+        try:
+            def call(tile=tile, rs=rs, overlap=overlap):
+                return _flash_attn_fwd(q, k, v, tile_mn=tile, mma_pv_is_rs=rs, intra_wg_overlap=overlap)[0]
+
+            err = float((call().float() - ref.float()).norm() / ref.float().norm())
+            if err > 1e-2:
+                raise ValueError(f"differs from the default tile by {err:.1e}")
+            rows.append((label, _time_ms(call, reps)))
+        except Exception as exc:  # noqa: BLE001 - infeasible tiles fail to compile; report and go on
+            print(f"  {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}",
+                  flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="flux,wan,wan-cross")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--layouts", action="store_true", help="cuDNN with other input memory layouts")
+    ap.add_argument("--fa4-tiles", action="store_true", help="FlashAttention-4 with other tile shapes")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(dev)} · torch {torch.__version__}")
+    print("| shape | backend | ms / call | TFLOP/s | rel err vs fp32 math | status |")
+    print("|---|---|---|---|---|---|")
+    for key in args.shapes.split(","):
+        shape = SHAPES[key]
+        for m in measure({shape: 1}, dev, reps=args.reps):
+            if m.kind != shape.kind or m.status.startswith("unusable"):
+                continue
+            tf = flop(shape) / (m.ms_per_forward * 1e-3) / 1e12 if m.ok else float("nan")
+            print(f"| {key} | {m.backend.value}{' (lossy)' if m.lossy else ''} | {m.ms_per_forward:.3f} | {tf:.0f} | "
+                  f"{m.rel_err:.2e} | {m.status} |", flush=True)
+        extra = layout_rows(shape, args.reps) if args.layouts else []
+        if args.fa4_tiles and shape.kind == "joint":
+            extra += fa4_tile_rows(shape, args.reps)
+        for label, ms in extra:
+            print(f"| {key} | {label} | {ms:.3f} | {flop(shape) / ms / 1e9:.0f} | - | ok |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
