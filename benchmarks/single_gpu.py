@@ -41,10 +41,12 @@ from services.attention.selection import select_kernels  # noqa: E402
 from services.runtime import (  # noqa: E402
     RuntimeConfig,
     fuse_gelu_epilogues,
+    fuse_norm_rope,
     fuse_projections,
     regional_compile,
     undo_regional_compile,
     unfuse_gelu_epilogues,
+    unfuse_norm_rope,
 )
 
 FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
@@ -159,7 +161,7 @@ def profile(bench: Bench, label: str, fn: Callable[[], object], args) -> None:
     with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         bench.sync()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=110)
     with open(bench.out_dir / "profiles.txt", "a") as f:
         f.write(f"\n===== {label}\n{table}\n")
 
@@ -192,6 +194,7 @@ def set_diffusers_backend(model: torch.nn.Module, name: str | None) -> None:
 
     remove_block_forwards(model)  # diffusers' own block forwards too, not only its processors
     unfuse_gelu_epilogues(model)  # and its own MLPs
+    unfuse_norm_rope(model)  # and its own q/k norms and rotation
     if "wan" in _DISPATCH:
         import diffusers.models.transformers.transformer_wan as tw
 
@@ -199,8 +202,39 @@ def set_diffusers_backend(model: torch.nn.Module, name: str | None) -> None:
     for m in model.modules():
         if isinstance(m, AttentionModuleMixin):
             m.set_processor(m._default_processor_cls())
-    if name:
+    if name is None:  # processors without a backend use the process-wide one: back to diffusers' default
+        import diffusers.models.attention_dispatch as ad
+
+        ad._AttentionBackendRegistry.set_active_backend(ad.AttentionBackendName.NATIVE)
+    elif name == FA4_HUB:
+        _diffusers_flash_attn4(model)
+    elif name:
         model.set_attention_backend(name)
+
+
+FA4_HUB = "flash_4_hub"
+"""diffusers' FlashAttention-4 backend. diffusers loads it from the Hugging Face Hub (``kernels`` package), which
+this machine cannot reach; the benchmark hands it the locally installed kernel instead, through the same opaque
+custom op ours uses, so both sides run the same kernel with the same compile behaviour."""
+
+
+def _diffusers_flash_attn4(model: torch.nn.Module) -> None:
+    import diffusers.models.attention_dispatch as ad
+
+    from services.attention.backends import _fa4_op
+
+    def kernel(q, k, v, softmax_scale=None, causal=False):
+        if causal or (softmax_scale is not None and abs(softmax_scale - q.shape[-1] ** -0.5) > 1e-6):
+            raise ValueError("the benchmark's FA4 shim runs non-causal attention at the default scale only")
+        return _fa4_op(q, k, v)[0]
+
+    backend = ad.AttentionBackendName.FLASH_4_HUB
+    ad._HUB_KERNELS_REGISTRY[backend].kernel_fn = kernel
+    for m in model.modules():
+        processor = getattr(m, "processor", None)
+        if processor is not None and hasattr(processor, "_attention_backend"):
+            processor._attention_backend = backend
+    ad._AttentionBackendRegistry.set_active_backend(backend)
 
 
 def uncompile_diffusers(model: torch.nn.Module) -> None:
@@ -361,7 +395,11 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     set_diffusers_backend(m, None)
     timed("diffusers eager (native SDPA)", case.forward)
     best_name, best_t = None, float("inf")
-    for name in ("_native_cudnn", "_native_flash", "_native_efficient") if bench.device.type == "cuda" else ():
+    diffusers_backends = ("_native_cudnn", "_native_flash", "_native_efficient")
+    if BackendName.FLASH_ATTN4 in {b.name for b in usable_backends(AttentionSpec.for_device(bench.device, bench.dtype,
+                                                                                            128))}:
+        diffusers_backends += (FA4_HUB,)
+    for name in diffusers_backends if bench.device.type == "cuda" else ():
         try:
             set_diffusers_backend(m, name)
             row = timed(f"diffusers eager {name}", case.forward)
@@ -415,6 +453,8 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     bench.facts[f"{case.name}_fused_modules"] = fused
     compiled_without("MLP")  # fused QKV, the MLP's GELU not yet in the GEMM epilogue
     bench.facts[f"{case.name}_fused_mlp_modules"] = fuse_gelu_epilogues(m) if args.fuse else 0
+    compiled_without("norm+rope")  # fused QKV and MLP; q/k norm + rotation as inductor fuses the model's ops
+    bench.facts[f"{case.name}_fused_norm_rope_modules"] = fuse_norm_rope(m) if args.fuse else 0
     case.install(m, ops)
     with torch.inference_mode():
         exact_out = case.our_forward().float()  # the exact output lossy kernels are compared with (PSNR)
@@ -586,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--service-steps", type=int, default=12)
     ap.add_argument("--profile", action="store_true", help="write the top kernels of compiled forwards to OUT")
     ap.add_argument("--compare", default="eager,unfused", help="extra rows: eager (ours eager per backend), "
-                    "unfused (ours compiled without fused QKV, then fused QKV without the fused MLP)")
+                    "unfused (ours compiled without fused QKV, then fused QKV without the fused MLP, then without the fused "
+                    "q/k norm + rotation)")
     ap.add_argument("--wan-reps", type=int, default=5)
     ap.add_argument("--modes", default="default,reduce-overhead,max-autotune-no-cudagraphs",
                     help="inductor modes of ours compiled, in order")

@@ -29,7 +29,14 @@ from services.errors import FailedPrecondition
 from services.families.base import DenoiseState, SamplingParams, resolve_device, resolve_dtype
 from services.log import get_logger
 from services.registry import load_adapter
-from services.runtime import denoiser_module, fuse_gelu_epilogues, fuse_projections, graph_breaks, regional_compile
+from services.runtime import (
+    denoiser_module,
+    fuse_gelu_epilogues,
+    fuse_norm_rope,
+    fuse_projections,
+    graph_breaks,
+    regional_compile,
+)
 
 log = get_logger(__name__)
 
@@ -110,6 +117,8 @@ class Worker:
             self.runtime_facts["fused_attention_modules"] = str(fuse_projections(self.transformer_of(model)))
         if self.config.runtime.fuse_mlp:
             self.runtime_facts["fused_mlp_modules"] = str(fuse_gelu_epilogues(self.transformer_of(model)))
+        if self.config.runtime.fuse_norm_rope:
+            self.runtime_facts["fused_norm_rope_modules"] = str(fuse_norm_rope(self.transformer_of(model)))
         self.attention_modules = self.adapter.install_attention(model, self.attention_ops())
         cache = FlexCache(self.adapter, model, self.config.component, self.cache_reducer())
         self.runner = ModelRunner(self.adapter, model, self.groups, self.sharder, cache)

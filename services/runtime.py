@@ -10,6 +10,8 @@
   cuBLASLt's epilogue on CUDA, instead of a GEMM followed by an elementwise kernel that reads and writes the whole
   (4x wide) hidden activation again; Flux's single-stream ``proj_out`` is applied to the attention and MLP parts
   without concatenating them first. The CPU keeps the plain ops (its fused kernel computes the erf GELU, not tanh).
+- ``fuse_norm_rope``: marks the attention modules whose query/key RMS norm and rotary embedding
+  ``services.norm_rope`` computes in one Triton kernel (Flux and Wan processors; CUDA).
 - ``regional_compile``: ``torch.compile`` of each instance of the model's repeated block classes (diffusers'
   ``_repeated_blocks``), not of the whole model: one compiled graph serves every block of a class, compile time is
   that of one block, and everything outside the blocks (the step loop, the scheduler, hooks registered on the blocks
@@ -40,7 +42,7 @@ class RuntimeConfig:
     attention_backend: str = "auto"
     """Attention kernel: ``auto`` (timed on this device at start-up, see docs/performance.md) or a name from
     ``services.attention.backends.BackendName`` (sdpa, sdpa_cudnn, sdpa_flash, sdpa_efficient, sdpa_math, sage,
-    flash_attn, flash_attn3)."""
+    flash_attn, flash_attn3, flash_attn4)."""
     allow_lossy: bool = False
     """Let ``auto`` choose lossy kernels (8-bit SageAttention) when they are faster; off means exact kernels only."""
     exact_max_rel_error: float = 1e-2
@@ -54,6 +56,9 @@ class RuntimeConfig:
     fuse_mlp: bool = True
     """Run tanh-GELU MLP up-projections as one GEMM with the GELU in its epilogue (CUDA), and Flux's single-stream
     output projection without concatenating its inputs (``fuse_gelu_epilogues``)."""
+    fuse_norm_rope: bool = True
+    """Compute the attention queries' and keys' RMS norm and rotary embedding in one Triton kernel on CUDA (Flux and
+    Wan; ``services.norm_rope``)."""
     compile: Literal["auto", "on", "off"] | bool = "auto"
     """Regional ``torch.compile`` of the repeated transformer blocks; ``auto`` is on for CUDA, off on the CPU.
     (YAML reads a bare on/off as true/false: both spellings are accepted.)"""
@@ -209,6 +214,30 @@ def unfuse_gelu_epilogues(model: torch.nn.Module) -> None:
         if getattr(vars(module).get("forward"), "__func__", None) is _gelu_projection_forward:
             del module.forward
         vars(module).pop("chitu_fused_mlp", None)
+
+
+def fuse_norm_rope(model: torch.nn.Module) -> int:
+    """Mark every attention module whose query and key RMS norms ``services.norm_rope`` can fuse with the rotary
+    embedding (``chitu_fused_norm_rope``, read by the Flux and Wan processors); returns how many. Registers the CUDA
+    kernel first when the model is on a GPU, so a compiled block finds it. ``unfuse_norm_rope`` undoes it."""
+    from diffusers.models.normalization import RMSNorm
+
+    n = 0
+    for module in model.modules():
+        norms = [getattr(module, name, None) for name in ("norm_q", "norm_k")]
+        if all(isinstance(x, RMSNorm | torch.nn.RMSNorm) for x in norms):
+            module.chitu_fused_norm_rope = True
+            n += 1
+    if n and any(p.is_cuda for p in model.parameters()):
+        from services.norm_rope import register_cuda_kernel
+
+        register_cuda_kernel()
+    return n
+
+
+def unfuse_norm_rope(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        vars(module).pop("chitu_fused_norm_rope", None)
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

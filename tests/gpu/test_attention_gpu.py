@@ -105,7 +105,8 @@ def test_auto_chooses_an_exact_kernel_on_real_shapes() -> None:
 
 
 def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux) -> None:
-    """Regional compile (inductor) + auto kernels + fused QKV and MLP in the worker vs the plain eager worker, bf16."""
+    """Regional compile (inductor) + auto kernels + fused QKV, MLP and q/k norm+rotary in the worker vs the plain
+    eager worker, bf16."""
     from denoiser_svc.config import DenoiserServiceConfig
     from denoiser_svc.worker import Worker
     from services.config import ModelConfig
@@ -127,11 +128,12 @@ def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux) -> None:
         done = worker.finish_request("r")
         return getattr(done, "latents", done).float(), worker.runtime_facts
 
-    eager, _ = run(RuntimeConfig(attention_backend="sdpa", fuse_qkv=False, fuse_mlp=False, compile="off"))
+    eager, _ = run(RuntimeConfig(attention_backend="sdpa", fuse_qkv=False, fuse_mlp=False, fuse_norm_rope=False,
+                                 compile="off"))
     for rt in (RuntimeConfig(), RuntimeConfig(cuda_graphs=True)):
         ours, facts = run(rt)
         assert facts["compiled_blocks"] and facts["attention_source"] == "auto"
-        assert int(facts["fused_mlp_modules"]) > 0
+        assert int(facts["fused_mlp_modules"]) > 0 and int(facts["fused_norm_rope_modules"]) > 0
         err = float((ours - eager).norm() / eager.norm())
         assert err < 2e-2, (rt, err)
 

@@ -292,6 +292,6 @@ def test_single_gpu_benchmark_tiny_cpu_mode(tmp_path: Path) -> None:
     text = results.read_text()
     for row in ("diffusers eager (native SDPA)", "diffusers compile_repeated_blocks", "ours eager sdpa fused",
                 "ours eager sdpa_math fused", "ours compiled aot_eager", "service per step",
-                "unfused QKV", "unfused MLP"):
+                "unfused QKV", "unfused MLP", "unfused norm+rope"):
         assert row in text, row
     assert text.count("| variant |") == 2  # flux and wan tables

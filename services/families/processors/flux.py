@@ -7,7 +7,9 @@ processor, which starts attention (``AttentionOps.start``: under Ulysses the q/k
 MLP while the exchange is in flight, then finishes attention. The same operations on the same values, in another
 order: outputs are bit-identical (tested); on one GPU there is nothing to overlap and nothing changes.
 With ``runtime.fuse_mlp`` (``services.runtime.fuse_gelu_epilogues`` marks the block) the MLP's GELU runs in its GEMM's
-epilogue and ``proj_out`` is applied to the two parts without concatenating them.
+epilogue and ``proj_out`` is applied to the two parts without concatenating them. With ``runtime.fuse_norm_rope``
+the query/key RMS norms, the text/image concatenation and the rotary embedding run as one kernel per tensor
+(``services.norm_rope``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from diffusers.models.transformers.transformer_flux import (
 )
 
 from services.attention import AttentionOps
+from services.norm_rope import norm_rope
 from services.runtime import linear_gelu_tanh, linear_of_concat
 
 
@@ -41,17 +44,27 @@ class FluxJointAttnProcessor:
         if attention_mask is not None:
             raise NotImplementedError("Flux joint attention takes no attention mask")
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        q = attn.norm_q(q.unflatten(-1, (-1, attn.head_dim)))
-        k = attn.norm_k(k.unflatten(-1, (-1, attn.head_dim)))
-        v = v.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
-            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
-            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
-            ev = ev.unflatten(-1, (-1, attn.head_dim))
-            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
+        joint = attn.added_kv_proj_dim is not None and encoder_hidden_states is not None
+        if joint:
+            eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
+        if image_rotary_emb is not None and getattr(attn, "chitu_fused_norm_rope", False):
+            # one kernel per tensor: norms, the text/image concatenation and the rotation (services.norm_rope)
+            if joint:
+                q = norm_rope(eq, attn.norm_added_q, image_rotary_emb, second=q, second_norm=attn.norm_q)
+                k = norm_rope(ek, attn.norm_added_k, image_rotary_emb, second=k, second_norm=attn.norm_k)
+                v = torch.cat([ev, v], dim=1)
+            else:
+                q = norm_rope(q, attn.norm_q, image_rotary_emb)
+                k = norm_rope(k, attn.norm_k, image_rotary_emb)
+        else:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+            if joint:
+                eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+                q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+            if image_rotary_emb is not None:
+                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         if overlap is None:
             out = self.ops.joint(q, k, v, None)
         else:

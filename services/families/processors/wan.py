@@ -9,7 +9,8 @@ Each Wan block has two attention modules:
   (Wan2.1-I2V's extra image K/V, when the checkpoint has them, go through ``ops.cross`` too.)
 
 All tensors are ``[B, S, H, D]``. The projections, RMS norms across heads and the rotary embedding are those of
-diffusers' ``WanAttnProcessor``; only the attention call changes.
+diffusers' ``WanAttnProcessor``; only the attention call changes, and with ``runtime.fuse_norm_rope`` the
+self-attention's query/key norm and rotation run as one kernel (``services.norm_rope``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_added_kv_projections, _get_qkv_projections
 
 from services.attention import AttentionOps
+from services.norm_rope import norm_rope
 
 TEXT_CONTEXT_LENGTH = 512
 """I2V checkpoints prepend image tokens to the 512 text tokens (the length diffusers' processor assumes too)."""
@@ -53,12 +55,16 @@ class WanAttnProcessor:
             encoder_hidden_states = encoder_hidden_states[:, n_img:]
 
         q, k, v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
         v = v.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            q = apply_rotary_emb(q, *rotary_emb)
-            k = apply_rotary_emb(k, *rotary_emb)
+        if rotary_emb is not None and getattr(attn, "chitu_fused_norm_rope", False):
+            q = norm_rope(q.unflatten(2, (attn.heads, -1)), attn.norm_q, rotary_emb)
+            k = norm_rope(k.unflatten(2, (attn.heads, -1)), attn.norm_k, rotary_emb)
+        else:
+            q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
+            k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
+            if rotary_emb is not None:
+                q = apply_rotary_emb(q, *rotary_emb)
+                k = apply_rotary_emb(k, *rotary_emb)
 
         image_out = None
         if image_context is not None:

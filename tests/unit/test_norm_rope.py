@@ -1,0 +1,111 @@
+"""The fused query/key RMS norm + rotary embedding (``services.norm_rope``, ``runtime.fuse_norm_rope``) on the CPU.
+
+On the CPU ``norm_rope`` runs its float32 math as torch ops (the Triton kernel is exercised by
+``tests/gpu/test_norm_rope_gpu.py``). What is checked here: that math equals the models' own code (diffusers'
+Flux RMS norms + concatenation + ``apply_rotary_emb``, which compute in float32 whatever the input: < 1e-6 relative;
+Wan's ``torch.nn.RMSNorm`` across heads + its interleaved rotation, float64 throughout: < 1e-12) on float64 inputs;
+and that a tiny Flux and a tiny
+Wan denoise the same with the modules marked as without (float32, < 1e-5 relative: the models round to float32
+between the norm and the rotation, the fused math does not).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed
+from diffusers.models.normalization import RMSNorm
+
+from services.attention import LOCAL_SDPA
+from services.families.base import SamplingParams
+from services.families.processors.wan import apply_rotary_emb as wan_rotary
+from services.norm_rope import norm_rope
+from services.registry import load_adapter
+from services.runtime import fuse_norm_rope, unfuse_norm_rope
+
+CPU = torch.device("cpu")
+F64 = torch.float64
+
+
+def _tables(rows: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = get_1d_rotary_pos_embed(dim, torch.arange(rows, dtype=F64) * 0.37, repeat_interleave_real=True,
+                                       use_real=True, freqs_dtype=F64)
+    return cos, sin
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def test_matches_flux_joint_attention_code() -> None:
+    g = torch.Generator().manual_seed(0)
+    heads, dim, n_txt, n_img = 3, 16, 5, 11
+    norms = {}
+    for name in ("q", "k", "added_q", "added_k"):
+        norms[name] = RMSNorm(dim, eps=1e-6).to(F64)
+        norms[name].weight.data = torch.rand(dim, generator=g, dtype=F64) + 0.5
+    img = torch.randn(2, n_img, heads, dim, generator=g, dtype=F64)
+    txt = torch.randn(2, n_txt, heads, dim, generator=g, dtype=F64)
+    rope = _tables(n_txt + n_img, dim)
+    ref = apply_rotary_emb(torch.cat([norms["added_q"](txt), norms["q"](img)], dim=1), rope, sequence_dim=1)
+    got = norm_rope(txt, norms["added_q"], rope, second=img, second_norm=norms["q"])
+    # diffusers' RMS norm and rotation compute in float32 whatever the input: float32 rounding (< 1e-6)
+    assert got.shape == ref.shape and _rel(got, ref) < 1e-6
+    # one part (Flux's single-stream blocks)
+    single = apply_rotary_emb(norms["k"](img), _tables(n_img, dim), sequence_dim=1)
+    assert _rel(norm_rope(img, norms["k"], _tables(n_img, dim)), single) < 1e-6
+
+
+def test_matches_wan_self_attention_code() -> None:
+    g = torch.Generator().manual_seed(1)
+    heads, dim, seq = 4, 8, 13
+    norm = torch.nn.RMSNorm(heads * dim, eps=1e-6).to(F64)
+    norm.weight.data = torch.rand(heads * dim, generator=g, dtype=F64) + 0.5
+    x = torch.randn(1, seq, heads * dim, generator=g, dtype=F64)
+    cos, sin = (t[None, :, None, :] for t in _tables(seq, dim))  # Wan's [1, S, 1, D]
+    ref = wan_rotary(norm(x).unflatten(2, (heads, -1)), cos, sin)
+    assert _rel(norm_rope(x.unflatten(2, (heads, -1)), norm, (cos, sin)), ref) < 1e-12
+
+
+def test_rejects_norms_and_tables_that_do_not_fit() -> None:
+    x = torch.randn(1, 6, 2, 8, dtype=F64)
+    with pytest.raises(ValueError, match="fits neither the head dim 8 nor all 2 heads"):
+        norm_rope(x, torch.nn.RMSNorm(12).to(F64), _tables(6, 8))
+    with pytest.raises(ValueError, match="does not match 6 tokens"):
+        norm_rope(x, torch.nn.RMSNorm(8).to(F64), _tables(5, 8))
+
+
+def _denoise(adapter, model, conds, params) -> torch.Tensor:
+    state = adapter.prepare(model, params, conds, {}, None, 0, params.steps)
+    with torch.inference_mode():
+        for i in range(params.steps):
+            state.latents = adapter.scheduler_step(state, adapter.forward(model, state, state.latents, i, "cond"), i)
+    return state.latents
+
+
+@pytest.mark.parametrize(("family", "params"), [
+    ("tiny_flux", SamplingParams(width=64, height=48, steps=2, guidance_scale=3.5, seed=3)),
+    ("tiny_wan", SamplingParams(width=64, height=48, frames=5, steps=2, guidance_scale=1.0, seed=3)),
+])
+def test_fused_denoise_matches_unfused(family, params, request) -> None:
+    adapter = load_adapter(request.getfixturevalue(family))
+    model = adapter.load_denoiser(torch.float32, CPU)
+    conds = adapter.warmup_conditionings(model)[0]
+    adapter.install_attention(model, LOCAL_SDPA)
+    t = model.transformer
+    ref = _denoise(adapter, model, conds, params)
+    attention = [m for m in t.modules() if hasattr(m, "norm_q") and hasattr(m, "norm_k")]
+    calls = []
+    hooks = [m.norm_q.register_forward_hook(lambda *a: calls.append(1)) for m in attention]
+    try:
+        assert fuse_norm_rope(t) == len(attention) > 0
+        fused = _denoise(adapter, model, conds, params)
+        # Flux: every query norm is fused; Wan: the self-attention's (the cross-attention has no rotation)
+        expected = 0 if family == "tiny_flux" else params.steps * len(t.blocks)
+        assert len(calls) == expected
+        assert _rel(fused, ref) < 1e-5
+        unfuse_norm_rope(t)
+        assert torch.equal(_denoise(adapter, model, conds, params), ref)
+    finally:
+        for h in hooks:
+            h.remove()
