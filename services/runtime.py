@@ -217,15 +217,19 @@ def unfuse_gelu_epilogues(model: torch.nn.Module) -> None:
 
 
 def fuse_norm_rope(model: torch.nn.Module) -> int:
-    """Mark every attention module whose query and key RMS norms ``services.norm_rope`` can fuse with the rotary
-    embedding (``chitu_fused_norm_rope``, read by the Flux and Wan processors); returns how many. Registers the CUDA
-    kernel first when the model is on a GPU, so a compiled block finds it. ``unfuse_norm_rope`` undoes it."""
+    """Mark every Flux and Wan attention module (the processors that read the mark) whose query and key norms are
+    RMS norms ``services.norm_rope`` can fuse with the rotary embedding (``chitu_fused_norm_rope``); returns how
+    many. Registers the CUDA kernel first when the model is on a GPU, so a compiled block finds it.
+    ``unfuse_norm_rope`` undoes it."""
     from diffusers.models.normalization import RMSNorm
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+    from diffusers.models.transformers.transformer_wan import WanAttention
 
     n = 0
     for module in model.modules():
         norms = [getattr(module, name, None) for name in ("norm_q", "norm_k")]
-        if all(isinstance(x, RMSNorm | torch.nn.RMSNorm) for x in norms):
+        if isinstance(module, FluxAttention | WanAttention) and all(
+                isinstance(x, RMSNorm | torch.nn.RMSNorm) for x in norms):
             module.chitu_fused_norm_rope = True
             n += 1
     if n and any(p.is_cuda for p in model.parameters()):

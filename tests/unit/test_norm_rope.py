@@ -109,3 +109,13 @@ def test_fused_denoise_matches_unfused(family, params, request) -> None:
     finally:
         for h in hooks:
             h.remove()
+
+
+@pytest.mark.parametrize("family", ["tiny_qwen_image", "tiny_z_image", "tiny_flux2_klein"])
+def test_families_whose_processors_do_not_read_the_mark_are_not_counted(family, request) -> None:
+    """The worker reports ``fused_norm_rope_modules``: only modules whose processor uses the fused kernel count."""
+    adapter = load_adapter(request.getfixturevalue(family))
+    model = adapter.load_denoiser(torch.float32, CPU)
+    t = model.transformer
+    assert any(hasattr(m, "norm_q") for m in t.modules())  # they do have q/k RMS norms
+    assert fuse_norm_rope(t) == 0
