@@ -9,7 +9,8 @@ on an H200 (2026-11-27) the Wan kernel moved 400 MB in 465 us (0.86 TB/s), Flux'
 token's row (all heads) once, reduces in float32, applies the scale and the rotation in float32 and writes the row once,
 rounded to the input dtype once. Flux's double-stream blocks normalise the text and image queries with different
 weights and attend over their concatenation: ``norm_rope(text, ..., second=image, ...)`` writes both into one output,
-so the concatenation costs no extra pass. Elsewhere (CPU) the same float32 math runs as torch ops.
+so the concatenation costs no extra pass. Elsewhere (CPU, float32, a head dim that is not a power of two) the same
+float32 math runs as torch ops.
 
 Rotary tables are ``(cos, sin)``, one row per output token, each holding the angle of a pair twice
 (``cos[..., 2i] == cos[..., 2i + 1]``: diffusers builds them with ``repeat_interleave``); a leading batch of one and a
@@ -85,7 +86,9 @@ def norm_rope(x: torch.Tensor, norm: torch.nn.Module, rotary: tuple[torch.Tensor
         parts.append((second, w2))
     rows = sum(p.shape[1] for p, _ in parts)
     cos, sin = (_table(t, rows, x.shape[-1]) for t in rotary)
-    if x.is_cuda and all(p.is_cuda for p, _ in parts) and x.dtype in (torch.float16, torch.bfloat16):
+    dim = x.shape[-1]
+    kernel_fits = dim >= 2 and dim & (dim - 1) == 0  # the kernel's head-dim range is a power of two
+    if kernel_fits and x.is_cuda and all(p.is_cuda for p, _ in parts) and x.dtype in (torch.float16, torch.bfloat16):
         if not torch.compiler.is_compiling():
             register_cuda_kernel()  # a compiled caller registered it before compiling (``fuse_norm_rope``)
         return torch.ops.chitu.norm_rope(x, weight, second, parts[1][1] if second is not None else None, cos, sin,

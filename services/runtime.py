@@ -11,7 +11,7 @@
   (4x wide) hidden activation again; Flux's single-stream ``proj_out`` is applied to the attention and MLP parts
   without concatenating them first. The CPU keeps the plain ops (its fused kernel computes the erf GELU, not tanh).
 - ``fuse_norm_rope``: marks the attention modules whose query/key RMS norm and rotary embedding
-  ``services.norm_rope`` computes in one Triton kernel (Flux and Wan processors; CUDA).
+  ``services.norm_rope`` computes in one Triton kernel (Flux.1, FLUX.2 and Wan processors; CUDA).
 - ``regional_compile``: ``torch.compile`` of each instance of the model's repeated block classes (diffusers'
   ``_repeated_blocks``), not of the whole model: one compiled graph serves every block of a class, compile time is
   that of one block, and everything outside the blocks (the step loop, the scheduler, hooks registered on the blocks
@@ -57,8 +57,8 @@ class RuntimeConfig:
     """Run tanh-GELU MLP up-projections as one GEMM with the GELU in its epilogue (CUDA), and Flux's single-stream
     output projection without concatenating its inputs (``fuse_gelu_epilogues``)."""
     fuse_norm_rope: bool = True
-    """Compute the attention queries' and keys' RMS norm and rotary embedding in one Triton kernel on CUDA (Flux and
-    Wan; ``services.norm_rope``)."""
+    """Compute the attention queries' and keys' RMS norm and rotary embedding in one Triton kernel on CUDA (Flux.1,
+    FLUX.2 and Wan; ``services.norm_rope``)."""
     compile: Literal["auto", "on", "off"] | bool = "auto"
     """Regional ``torch.compile`` of the repeated transformer blocks; ``auto`` is on for CUDA, off on the CPU.
     (YAML reads a bare on/off as true/false: both spellings are accepted.)"""
@@ -217,18 +217,21 @@ def unfuse_gelu_epilogues(model: torch.nn.Module) -> None:
 
 
 def fuse_norm_rope(model: torch.nn.Module) -> int:
-    """Mark every Flux and Wan attention module (the processors that read the mark) whose query and key norms are
-    RMS norms ``services.norm_rope`` can fuse with the rotary embedding (``chitu_fused_norm_rope``); returns how
-    many. Registers the CUDA kernel first when the model is on a GPU, so a compiled block finds it.
+    """Mark every Flux.1, FLUX.2 and Wan attention module (the processors that read the mark) whose query and key
+    norms are RMS norms ``services.norm_rope`` can fuse with the rotary embedding (``chitu_fused_norm_rope``);
+    returns how many. Registers the CUDA kernel first when the model is on a GPU, so a compiled block finds it.
     ``unfuse_norm_rope`` undoes it."""
     from diffusers.models.normalization import RMSNorm
     from diffusers.models.transformers.transformer_flux import FluxAttention
+    from diffusers.models.transformers.transformer_flux2 import Flux2Attention, Flux2ParallelSelfAttention
     from diffusers.models.transformers.transformer_wan import WanAttention
+
+    readers = (FluxAttention, Flux2Attention, Flux2ParallelSelfAttention, WanAttention)
 
     n = 0
     for module in model.modules():
         norms = [getattr(module, name, None) for name in ("norm_q", "norm_k")]
-        if isinstance(module, FluxAttention | WanAttention) and all(
+        if isinstance(module, readers) and all(
                 isinstance(x, RMSNorm | torch.nn.RMSNorm) for x in norms):
             module.chitu_fused_norm_rope = True
             n += 1

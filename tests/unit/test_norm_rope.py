@@ -4,9 +4,8 @@ On the CPU ``norm_rope`` runs its float32 math as torch ops (the Triton kernel i
 ``tests/gpu/test_norm_rope_gpu.py``). What is checked here: that math equals the models' own code (diffusers'
 Flux RMS norms + concatenation + ``apply_rotary_emb``, which compute in float32 whatever the input: < 1e-6 relative;
 Wan's ``torch.nn.RMSNorm`` across heads + its interleaved rotation, float64 throughout: < 1e-12) on float64 inputs;
-and that a tiny Flux and a tiny
-Wan denoise the same with the modules marked as without (float32, < 1e-5 relative: the models round to float32
-between the norm and the rotation, the fused math does not).
+and that a tiny Flux, FLUX.2-klein and Wan denoise the same with the modules marked as without (float32, < 1e-5
+relative: the models round to float32 between the norm and the rotation, the fused math does not).
 """
 
 from __future__ import annotations
@@ -86,6 +85,7 @@ def _denoise(adapter, model, conds, params) -> torch.Tensor:
 @pytest.mark.parametrize(("family", "params"), [
     ("tiny_flux", SamplingParams(width=64, height=48, steps=2, guidance_scale=3.5, seed=3)),
     ("tiny_wan", SamplingParams(width=64, height=48, frames=5, steps=2, guidance_scale=1.0, seed=3)),
+    ("tiny_flux2_klein", SamplingParams(width=64, height=48, steps=2, guidance_scale=1.0, seed=3)),
 ])
 def test_fused_denoise_matches_unfused(family, params, request) -> None:
     adapter = load_adapter(request.getfixturevalue(family))
@@ -100,8 +100,8 @@ def test_fused_denoise_matches_unfused(family, params, request) -> None:
     try:
         assert fuse_norm_rope(t) == len(attention) > 0
         fused = _denoise(adapter, model, conds, params)
-        # Flux: every query norm is fused; Wan: the self-attention's (the cross-attention has no rotation)
-        expected = 0 if family == "tiny_flux" else params.steps * len(t.blocks)
+        # Flux.1 / FLUX.2: every query norm is fused; Wan: the self-attention's (the cross-attention has no rotation)
+        expected = params.steps * len(t.blocks) if family == "tiny_wan" else 0
         assert len(calls) == expected
         assert _rel(fused, ref) < 1e-5
         unfuse_norm_rope(t)
@@ -111,7 +111,7 @@ def test_fused_denoise_matches_unfused(family, params, request) -> None:
             h.remove()
 
 
-@pytest.mark.parametrize("family", ["tiny_qwen_image", "tiny_z_image", "tiny_flux2_klein"])
+@pytest.mark.parametrize("family", ["tiny_qwen_image", "tiny_z_image"])
 def test_families_whose_processors_do_not_read_the_mark_are_not_counted(family, request) -> None:
     """The worker reports ``fused_norm_rope_modules``: only modules whose processor uses the fused kernel count."""
     adapter = load_adapter(request.getfixturevalue(family))

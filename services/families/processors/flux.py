@@ -31,6 +31,33 @@ from services.norm_rope import norm_rope
 from services.runtime import linear_gelu_tanh, linear_of_concat
 
 
+def joint_qkv(attn: torch.nn.Module, image: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+              text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, rotary: tuple | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``[B, S, H, D]`` q, k, v of Flux-style joint attention from the projections (``[B, S, H*D]``): RMS norms
+    per head (the text's own with ``text``), text first in the sequence, rotary embedding over the whole sequence.
+    With ``runtime.fuse_norm_rope`` (the module is marked) one kernel per tensor does the norms, the concatenation
+    and the rotation (``services.norm_rope``); otherwise diffusers' ops, in diffusers' order. Shared by Flux.1 and
+    FLUX.2."""
+    q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in image)
+    if text is not None:
+        eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in text)
+    if rotary is not None and getattr(attn, "chitu_fused_norm_rope", False):
+        if text is None:
+            return norm_rope(q, attn.norm_q, rotary), norm_rope(k, attn.norm_k, rotary), v
+        return (norm_rope(eq, attn.norm_added_q, rotary, second=q, second_norm=attn.norm_q),
+                norm_rope(ek, attn.norm_added_k, rotary, second=k, second_norm=attn.norm_k),
+                torch.cat([ev, v], dim=1))
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    if text is not None:
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+    if rotary is not None:
+        q = apply_rotary_emb(q, rotary, sequence_dim=1)
+        k = apply_rotary_emb(k, rotary, sequence_dim=1)
+    return q, k, v
+
+
 class FluxJointAttnProcessor:
     """Same math as diffusers' FluxAttnProcessor; text tokens come first in the joint sequence."""
 
@@ -44,27 +71,8 @@ class FluxJointAttnProcessor:
         if attention_mask is not None:
             raise NotImplementedError("Flux joint attention takes no attention mask")
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
-        joint = attn.added_kv_proj_dim is not None and encoder_hidden_states is not None
-        if joint:
-            eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
-        if image_rotary_emb is not None and getattr(attn, "chitu_fused_norm_rope", False):
-            # one kernel per tensor: norms, the text/image concatenation and the rotation (services.norm_rope)
-            if joint:
-                q = norm_rope(eq, attn.norm_added_q, image_rotary_emb, second=q, second_norm=attn.norm_q)
-                k = norm_rope(ek, attn.norm_added_k, image_rotary_emb, second=k, second_norm=attn.norm_k)
-                v = torch.cat([ev, v], dim=1)
-            else:
-                q = norm_rope(q, attn.norm_q, image_rotary_emb)
-                k = norm_rope(k, attn.norm_k, image_rotary_emb)
-        else:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-            if joint:
-                eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-                q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
-            if image_rotary_emb is not None:
-                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        text = (eq, ek, ev) if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None else None
+        q, k, v = joint_qkv(attn, (q, k, v), text, image_rotary_emb)
         if overlap is None:
             out = self.ops.joint(q, k, v, None)
         else:

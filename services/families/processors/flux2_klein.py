@@ -5,12 +5,13 @@ Joint sequence order: **text first, then image** — ``[txt_0 .. txt_{L-1}, img_
 kinds (the single-stream blocks see the concatenation the transformer built in the same order). The rotary
 embedding is applied to q and k of the whole joint sequence before the call (its table is laid out text first too).
 No attention mask: FLUX.2 attends to every position, padding included (the pipeline pads prompts to a fixed length).
+The norms, concatenation and rotation are Flux.1's (``joint_qkv``), fused into one kernel per tensor with
+``runtime.fuse_norm_rope``.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2Attention,
     Flux2ParallelSelfAttention,
@@ -18,6 +19,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 )
 
 from services.attention import AttentionOps
+from services.families.processors.flux import joint_qkv
 
 
 class Flux2JointAttnProcessor:
@@ -33,17 +35,8 @@ class Flux2JointAttnProcessor:
         if attention_mask is not None:
             raise NotImplementedError("FLUX.2 joint attention takes no attention mask")
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        q = attn.norm_q(q.unflatten(-1, (-1, attn.head_dim)))
-        k = attn.norm_k(k.unflatten(-1, (-1, attn.head_dim)))
-        v = v.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
-            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
-            ev = ev.unflatten(-1, (-1, attn.head_dim))
-            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        text = (eq, ek, ev) if attn.added_kv_proj_dim is not None else None
+        q, k, v = joint_qkv(attn, (q, k, v), text, image_rotary_emb)
         out = self.ops.joint(q, k, v, None).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
             return attn.to_out[1](attn.to_out[0](out))
@@ -69,13 +62,7 @@ class Flux2SingleStreamAttnProcessor:
         mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
         n_qkv = x.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
         qkv, mlp = torch.split(x, [n_qkv, x.shape[-1] - n_qkv], dim=-1)
-        q, k, v = qkv.chunk(3, dim=-1)
-        q = attn.norm_q(q.unflatten(-1, (-1, attn.head_dim)))
-        k = attn.norm_k(k.unflatten(-1, (-1, attn.head_dim)))
-        v = v.unflatten(-1, (-1, attn.head_dim))
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        q, k, v = joint_qkv(attn, qkv.chunk(3, dim=-1), None, image_rotary_emb)
         out = self.ops.joint(q, k, v, None).flatten(2, 3).to(q.dtype)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
