@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.attention.autotune import CallShape, _timer, measure  # noqa: E402
+from services.attention.autotune import CallShape, _inputs, _timer, measure  # noqa: E402
 
 SHAPES = {
     "flux": CallShape("joint", (1, 4608, 24, 128), (1, 4608, 24, 128), torch.bfloat16, False),
@@ -43,10 +43,8 @@ def _time_ms(call, reps: int) -> float:
 
 
 def _bshd_inputs(shape: CallShape):
-    g = torch.Generator("cuda").manual_seed(0)
-    q = torch.randn(shape.q, generator=g, device="cuda", dtype=shape.dtype)
-    k = torch.randn(shape.k, generator=g, device="cuda", dtype=shape.dtype)
-    return q, k, torch.randn_like(k)
+    """``[B, S, H, D]`` q, k, v as ``auto`` measures them."""
+    return _inputs(shape, torch.device("cuda"), seed=0)[:3]
 
 
 def layout_rows(shape: CallShape, reps: int) -> list[tuple[str, float]]:

@@ -208,7 +208,7 @@ def set_diffusers_backend(model: torch.nn.Module, name: str | None) -> None:
         ad._AttentionBackendRegistry.set_active_backend(ad.AttentionBackendName.NATIVE)
     elif name == FA4_HUB:
         _diffusers_flash_attn4(model)
-    elif name:
+    else:
         model.set_attention_backend(name)
 
 

@@ -43,10 +43,8 @@ def _norm_params(norm: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor |
     eps = getattr(norm, "eps", None)
     if eps is None:  # torch.nn.RMSNorm(eps=None): the input dtype's machine epsilon
         eps = torch.finfo(x.dtype).eps
-    shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)
-    width = int(shape[-1] if isinstance(shape, tuple | list | torch.Size) else shape) if shape is not None else None
-    if width is None and weight is not None:
-        width = weight.numel()
+    # torch.nn.RMSNorm.normalized_shape / diffusers' RMSNorm.dim: both a tuple of the normalised dims
+    width = int((getattr(norm, "normalized_shape", None) or norm.dim)[-1])
     h, d = x.shape[-2:]
     if width == d:
         return weight, float(eps), True

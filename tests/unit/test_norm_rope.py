@@ -21,6 +21,7 @@ from services.families.processors.wan import apply_rotary_emb as wan_rotary
 from services.norm_rope import norm_rope
 from services.registry import load_adapter
 from services.runtime import fuse_norm_rope, unfuse_norm_rope
+from tests.unit.test_runtime import _denoise
 
 CPU = torch.device("cpu")
 F64 = torch.float64
@@ -72,14 +73,6 @@ def test_rejects_norms_and_tables_that_do_not_fit() -> None:
         norm_rope(x, torch.nn.RMSNorm(12).to(F64), _tables(6, 8))
     with pytest.raises(ValueError, match="does not match 6 tokens"):
         norm_rope(x, torch.nn.RMSNorm(8).to(F64), _tables(5, 8))
-
-
-def _denoise(adapter, model, conds, params) -> torch.Tensor:
-    state = adapter.prepare(model, params, conds, {}, None, 0, params.steps)
-    with torch.inference_mode():
-        for i in range(params.steps):
-            state.latents = adapter.scheduler_step(state, adapter.forward(model, state, state.latents, i, "cond"), i)
-    return state.latents
 
 
 @pytest.mark.parametrize(("family", "params"), [
