@@ -33,6 +33,7 @@ from services.runtime import (
     denoiser_module,
     fuse_gelu_epilogues,
     fuse_norm_rope,
+    fuse_norms,
     fuse_projections,
     graph_breaks,
     regional_compile,
@@ -119,6 +120,8 @@ class Worker:
             self.runtime_facts["fused_mlp_modules"] = str(fuse_gelu_epilogues(self.transformer_of(model)))
         if self.config.runtime.fuse_norm_rope:
             self.runtime_facts["fused_norm_rope_modules"] = str(fuse_norm_rope(self.transformer_of(model)))
+        if self.config.runtime.fuse_norms:
+            self.runtime_facts["fused_norm_blocks"] = str(fuse_norms(self.transformer_of(model)))
         self.attention_modules = self.adapter.install_attention(model, self.attention_ops())
         cache = FlexCache(self.adapter, model, self.config.component, self.cache_reducer())
         self.runner = ModelRunner(self.adapter, model, self.groups, self.sharder, cache)

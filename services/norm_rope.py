@@ -54,9 +54,9 @@ def _norm_params(norm: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor |
 
 
 def norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float, per_head: bool,
-                        cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                        cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
     """The kernel's math as torch ops, in float32 (float64 for float64 inputs); ``x`` ``[B, S, H, D]``, tables
-    ``[S, D]``."""
+    ``[S, D]`` (None: the norm alone)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     if per_head:
         var = xf.pow(2).mean(-1, keepdim=True)
@@ -65,16 +65,19 @@ def norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float
     y = xf * torch.rsqrt(var + eps)
     if weight is not None:
         y = y * weight.to(y.dtype).view(y.shape[-1] if per_head else y.shape[-2:])
+    if cos is None:
+        return y.to(x.dtype)
     e, o = y.unflatten(-1, (-1, 2)).unbind(-1)
     ce, co = cos[:, None].to(y.dtype).unflatten(-1, (-1, 2)).unbind(-1)
     se, so = sin[:, None].to(y.dtype).unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([e * ce - o * se, o * co + e * so], dim=-1).flatten(-2).to(x.dtype)
 
 
-def norm_rope(x: torch.Tensor, norm: torch.nn.Module, rotary: tuple[torch.Tensor, torch.Tensor],
+def norm_rope(x: torch.Tensor, norm: torch.nn.Module, rotary: tuple[torch.Tensor, torch.Tensor] | None,
               second: torch.Tensor | None = None, second_norm: torch.nn.Module | None = None) -> torch.Tensor:
     """``rotate(norm(x))`` for ``x`` ``[B, S, H, D]``; with ``second``, ``rotate(cat([norm(x), second_norm(second)],
-    dim=1))`` (the rotary tables then cover both). See the module doc."""
+    dim=1))`` (the rotary tables then cover both); ``rotary=None``: the norm alone (Wan's cross-attention query).
+    See the module doc."""
     weight, eps, per_head = _norm_params(norm, x)
     parts = [(x, weight)]
     if second is not None:
@@ -83,7 +86,7 @@ def norm_rope(x: torch.Tensor, norm: torch.nn.Module, rotary: tuple[torch.Tensor
             raise ValueError("both parts of a concatenated norm_rope need the same kind of RMS norm")
         parts.append((second, w2))
     rows = sum(p.shape[1] for p, _ in parts)
-    cos, sin = (_table(t, rows, x.shape[-1]) for t in rotary)
+    cos, sin = (_table(t, rows, x.shape[-1]) for t in rotary) if rotary is not None else (None, None)
     dim = x.shape[-1]
     kernel_fits = dim >= 2 and dim & (dim - 1) == 0  # the kernel's head-dim range is a power of two
     if kernel_fits and x.is_cuda and all(p.is_cuda for p, _ in parts) and x.dtype in (torch.float16, torch.bfloat16):
@@ -94,63 +97,84 @@ def norm_rope(x: torch.Tensor, norm: torch.nn.Module, rotary: tuple[torch.Tensor
     outs, start = [], 0
     for part, w in parts:
         n = part.shape[1]
-        outs.append(norm_rope_reference(part, w, eps, per_head, cos[start:start + n], sin[start:start + n]))
+        tables = (cos[start:start + n], sin[start:start + n]) if cos is not None else (None, None)
+        outs.append(norm_rope_reference(part, w, eps, per_head, *tables))
         start += n
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+KERNEL_CONFIGS = ((1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8))
+"""(tokens a program, warps) the kernel is autotuned over, per (heads, head dim, norm kind), at its first call (the
+worker's warm-up); ``benchmarks/fused_kernels.py`` times each against inductor's fusion."""
+
+
 @functools.cache
 def register_cuda_kernel():
-    """Registers the Triton kernel as the ``chitu::norm_rope`` op (once; Triton is imported only for CUDA)."""
+    """Registers the Triton kernel as the ``chitu::norm_rope`` op (once; Triton is imported only for CUDA). Returns
+    the launcher (``benchmarks/fused_kernels.py`` sweeps its configs)."""
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 
-    @triton.jit
-    def kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, seq, row_off, x_sb, x_ss, out_sb, out_ss, t_ss, t_sd, eps,
-               H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, PER_HEAD: tl.constexpr,
-               HAS_W: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)  # offsets of long videos (x batch) pass 2**31
-        b = pid // seq
-        s = pid % seq
-        h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, D)[None, :]
-        mask = (h < H) & (d < D)
-        x = tl.load(x_ptr + b * x_sb + s * x_ss + h * D + d, mask=mask, other=0.0).to(tl.float32)
+    def kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rows, seq, row_off, x_sb, x_ss, out_sb, out_ss, t_ss, t_sd,
+               eps, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+               PER_HEAD: tl.constexpr, HAS_W: tl.constexpr, HAS_ROPE: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # long videos pass 2**31 elements
+        b = r // seq
+        s = r % seq
+        live = (r < rows)[:, None, None]
+        h = tl.arange(0, BLOCK_H)[None, :, None]
+        d = tl.arange(0, D)[None, None, :]
+        mask = live & (h < H) & (d < D)
+        x = tl.load(x_ptr + (b * x_sb + s * x_ss)[:, None, None] + h * D + d, mask=mask, other=0.0).to(tl.float32)
         if PER_HEAD:
-            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+            rstd = tl.rsqrt(tl.sum(x * x, axis=2) / D + eps)[:, :, None]
         else:
-            rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / (H * D) + eps)
+            rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + eps)[:, None, None]
         y = x * rstd
         if HAS_W:
             if PER_HEAD:
                 w = tl.load(w_ptr + d).to(tl.float32)
             else:
-                w = tl.load(w_ptr + h * D + d, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + h * D + d, mask=(h < H) & (d < D), other=0.0).to(tl.float32)
             y = y * w
-        row = s + row_off
-        c = tl.load(cos_ptr + row * t_ss + d * t_sd)
-        sn = tl.load(sin_ptr + row * t_ss + d * t_sd)
-        ye, yo = tl.split(tl.reshape(y, (BLOCK_H, D // 2, 2)))
-        ce, co = tl.split(tl.reshape(c, (1, D // 2, 2)))
-        se, so = tl.split(tl.reshape(sn, (1, D // 2, 2)))
-        out = tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (BLOCK_H, D))
-        tl.store(out_ptr + b * out_sb + row * out_ss + h * D + d, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_ROPE:
+            row = (s + row_off)[:, None, None]
+            c = tl.load(cos_ptr + row * t_ss + d * t_sd, mask=live & (d < D), other=0.0)
+            sn = tl.load(sin_ptr + row * t_ss + d * t_sd, mask=live & (d < D), other=0.0)
+            ye, yo = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_H, D // 2, 2)))
+            ce, co = tl.split(tl.reshape(c, (BLOCK_M, 1, D // 2, 2)))
+            se, so = tl.split(tl.reshape(sn, (BLOCK_M, 1, D // 2, 2)))
+            out = tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (BLOCK_M, BLOCK_H, D))
+        else:
+            out = y
+        tl.store(out_ptr + (b * out_sb + (s + row_off) * out_ss)[:, None, None] + h * D + d,
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
 
-    def launch(part: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-               out: torch.Tensor, row_off: int, eps: float, per_head: bool) -> None:
+    jitted = triton.jit(kernel)
+    tuned = triton.autotune([triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in KERNEL_CONFIGS],
+                            key=["H", "D", "PER_HEAD", "HAS_W", "HAS_ROPE"])(jitted)
+
+    def launch(part: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+               out: torch.Tensor, row_off: int, eps: float, per_head: bool,
+               config: tuple[int, int] | None = None) -> None:
         bsz, seq, heads, dim = part.shape
         if part.stride(-1) != 1 or part.stride(-2) != dim:  # every token's heads must be one contiguous row
             part = part.contiguous()
-        wrap_triton(kernel)[(bsz * seq,)](
-            part, weight if weight is not None else part, cos, sin, out, seq, row_off, part.stride(0),
-            part.stride(1), out.stride(0), out.stride(1), cos.stride(0), cos.stride(1), eps, H=heads, D=dim,
-            BLOCK_H=triton.next_power_of_2(heads), PER_HEAD=per_head, HAS_W=weight is not None,
-            num_warps=4 if heads * dim <= 2048 else 8)
+        rows = bsz * seq
+        if config is None:
+            fn, grid, meta = tuned, lambda m: (triton.cdiv(rows, m["BLOCK_M"]),), {}
+        else:
+            fn, grid, meta = jitted, (triton.cdiv(rows, config[0]),), {"BLOCK_M": config[0], "num_warps": config[1]}
+        fn[grid](
+            part, weight if weight is not None else part, cos if cos is not None else part,
+            sin if sin is not None else part, out, rows, seq, row_off, part.stride(0), part.stride(1), out.stride(0),
+            out.stride(1), cos.stride(0) if cos is not None else 0, cos.stride(1) if cos is not None else 0, eps,
+            H=heads, D=dim, BLOCK_H=triton.next_power_of_2(heads), PER_HEAD=per_head, HAS_W=weight is not None,
+            HAS_ROPE=cos is not None, **meta)
 
-    @triton_op("chitu::norm_rope", mutates_args={})
+    @torch.library.custom_op("chitu::norm_rope", mutates_args=())
     def op(x: torch.Tensor, weight: torch.Tensor | None, second: torch.Tensor | None,
-           second_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+           second_weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float,
            per_head: bool) -> torch.Tensor:
         bsz, seq, heads, dim = x.shape
         rows = seq + (second.shape[1] if second is not None else 0)
@@ -160,4 +184,9 @@ def register_cuda_kernel():
             launch(second, second_weight, cos, sin, out, seq, eps, per_head)
         return out
 
-    return op
+    @op.register_fake
+    def _(x, weight, second, second_weight, cos, sin, eps, per_head):
+        bsz, seq, heads, dim = x.shape
+        return x.new_empty((bsz, seq + (second.shape[1] if second is not None else 0), heads, dim))
+
+    return launch

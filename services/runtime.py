@@ -12,6 +12,8 @@
   without concatenating them first. The CPU keeps the plain ops (its fused kernel computes the erf GELU, not tanh).
 - ``fuse_norm_rope``: marks the attention modules whose query/key RMS norm and rotary embedding
   ``services.norm_rope`` computes in one Triton kernel (Flux.1, FLUX.2 and Wan processors; CUDA).
+- ``fuse_norms``: marks the blocks (Flux.1 double- and single-stream, Wan) whose residual adds, layer norms and AdaLN
+  modulations ``services.ada_norm`` computes in one Triton kernel each (the families' block forwards read it; CUDA).
 - ``regional_compile``: ``torch.compile`` of each instance of the model's repeated block classes (diffusers'
   ``_repeated_blocks``), not of the whole model: one compiled graph serves every block of a class, compile time is
   that of one block, and everything outside the blocks (the step loop, the scheduler, hooks registered on the blocks
@@ -59,6 +61,9 @@ class RuntimeConfig:
     fuse_norm_rope: bool = True
     """Compute the attention queries' and keys' RMS norm and rotary embedding in one Triton kernel on CUDA (Flux.1,
     FLUX.2 and Wan; ``services.norm_rope``)."""
+    fuse_norms: bool = True
+    """Compute each block's residual add, layer norm and modulation in one Triton kernel on CUDA (Flux.1 and Wan;
+    ``services.ada_norm``)."""
     compile: Literal["auto", "on", "off"] | bool = "auto"
     """Regional ``torch.compile`` of the repeated transformer blocks; ``auto`` is on for CUDA, off on the CPU.
     (YAML reads a bare on/off as true/false: both spellings are accepted.)"""
@@ -245,6 +250,44 @@ def fuse_norm_rope(model: torch.nn.Module) -> int:
 def unfuse_norm_rope(model: torch.nn.Module) -> None:
     for module in model.modules():
         vars(module).pop("chitu_fused_norm_rope", None)
+
+
+def _layer_norms(*norms: Any) -> bool:
+    return all(isinstance(n, torch.nn.LayerNorm) for n in norms)
+
+
+def fuse_norms(model: torch.nn.Module) -> int:
+    """Mark every Flux.1 and Wan block whose norms are layer norms ``services.ada_norm`` can fuse with the residual
+    adds and modulations around them (``chitu_fused_norms``, read by the families' block forwards); returns how many.
+    Registers the CUDA kernel first when the model is on a GPU, so a compiled block finds it. ``unfuse_norms`` undoes
+    it."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, WanTransformerBlock):
+            fits = _layer_norms(m.norm1, m.norm3)
+        elif isinstance(m, FluxTransformerBlock):
+            fits = (m.norm1.emb is None and m.norm1_context.emb is None
+                    and _layer_norms(m.norm1.norm, m.norm1_context.norm, m.norm2, m.norm2_context))
+        elif isinstance(m, FluxSingleTransformerBlock):
+            fits = _layer_norms(m.norm.norm)
+        else:
+            continue
+        if fits:
+            m.chitu_fused_norms = True
+            n += 1
+    if n and any(p.is_cuda for p in model.parameters()):
+        from services.ada_norm import register_cuda_kernel
+
+        register_cuda_kernel()
+    return n
+
+
+def unfuse_norms(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        vars(module).pop("chitu_fused_norms", None)
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

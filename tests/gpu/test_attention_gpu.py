@@ -129,11 +129,12 @@ def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux) -> None:
         return getattr(done, "latents", done).float(), worker.runtime_facts
 
     eager, _ = run(RuntimeConfig(attention_backend="sdpa", fuse_qkv=False, fuse_mlp=False, fuse_norm_rope=False,
-                                 compile="off"))
+                                 fuse_norms=False, compile="off"))
     for rt in (RuntimeConfig(), RuntimeConfig(cuda_graphs=True)):
         ours, facts = run(rt)
         assert facts["compiled_blocks"] and facts["attention_source"] == "auto"
         assert int(facts["fused_mlp_modules"]) > 0 and int(facts["fused_norm_rope_modules"]) > 0
+        assert int(facts["fused_norm_blocks"]) > 0
         err = float((ours - eager).norm() / eager.norm())
         assert err < 2e-2, (rt, err)
 

@@ -57,6 +57,14 @@ def test_wan_shape_matches_reference_and_wan_code() -> None:
     assert _rel(got, wan_rotary(norm(q.flatten(2)).unflatten(2, (12, -1)), *rope)) < 1e-2
 
 
+def test_wan_cross_attention_norm_without_rotation() -> None:
+    q = _qkv_view(32760, 12, 128, seed=10)
+    norm = _rms(12 * 128, torch.nn.RMSNorm, seed=11)
+    got = norm_rope(q, norm, None)
+    assert _rel(got, norm_rope_reference(q, norm.weight, 1e-6, False, None, None)) < 3e-3
+    assert _rel(got, norm(q.flatten(2)).unflatten(2, (12, -1))) < 1e-2  # Wan's own op
+
+
 @pytest.mark.parametrize("n_txt,n_img", [(0, 4608), (512, 4096), (512, 1024)])
 def test_flux_shapes_match_reference_and_flux_code(n_txt, n_img) -> None:
     img = _qkv_view(n_img, 24, 128, seed=2)

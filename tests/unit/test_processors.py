@@ -79,4 +79,5 @@ def test_flux_single_block_runs_its_mlp_while_attention_is_in_flight(tiny_flux: 
     assert torch.equal(_denoise(adapter, model, conds, params), ours)
     assert events == ["joint", "mlp", "mlp"]
 
-    assert remove_block_forwards(model.transformer) == 2 and not any("forward" in vars(b) for b in blocks)
+    # the two single-stream blocks and the double-stream one (``double_block_forward``)
+    assert remove_block_forwards(model.transformer) == 3 and not any("forward" in vars(b) for b in blocks)

@@ -9,7 +9,11 @@ order: outputs are bit-identical (tested); on one GPU there is nothing to overla
 With ``runtime.fuse_mlp`` (``services.runtime.fuse_gelu_epilogues`` marks the block) the MLP's GELU runs in its GEMM's
 epilogue and ``proj_out`` is applied to the two parts without concatenating them. With ``runtime.fuse_norm_rope``
 the query/key RMS norms, the text/image concatenation and the rotary embedding run as one kernel per tensor
-(``services.norm_rope``).
+(``services.norm_rope``). With ``runtime.fuse_norms`` (blocks marked ``chitu_fused_norms``) the double-stream block's
+forward (``double_block_forward``, otherwise diffusers' own) and the single-stream one compute each AdaLN layer norm
+with its modulation, and the gated attention residual with the norm that follows it, in one kernel
+(``services.ada_norm``); the single-stream block normalises text and image into one tensor without concatenating
+them first.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
     FluxAttention,
     FluxSingleTransformerBlock,
+    FluxTransformerBlock,
     _get_qkv_projections,
 )
 
+from services.ada_norm import add_norm_modulate, norm_modulate
 from services.attention import AttentionOps
 from services.norm_rope import norm_rope
 from services.runtime import linear_gelu_tanh, linear_of_concat
@@ -96,9 +102,14 @@ def single_block_forward(self: FluxSingleTransformerBlock, hidden_states: torch.
     attention's input exchange is in flight (see the module doc). When the attention call does not run its
     computation (a FlexCache hook answered it), the MLP runs here."""
     text_len = encoder_hidden_states.shape[1]
-    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    if getattr(self, "chitu_fused_norms", False):
+        shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
+        norm_hidden_states = norm_modulate(encoder_hidden_states, self.norm.norm, scale, shift, second=hidden_states)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    else:
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
     residual = hidden_states
-    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
     mlp: list[torch.Tensor] = []
     fused = getattr(self, "chitu_fused_mlp", False)
 
@@ -123,10 +134,50 @@ def single_block_forward(self: FluxSingleTransformerBlock, hidden_states: torch.
 single_block_forward.chitu_block_forward = True  # type: ignore[attr-defined]
 
 
+def _ada_zero(norm: torch.nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """AdaLayerNormZero's six modulation vectors (shift, scale, gate of the attention, then of the MLP); the
+    projection module is called as the block would call it (a step table serves its rows)."""
+    return norm.linear(norm.silu(temb)).chunk(6, dim=1)
+
+
+def double_block_forward(self: FluxTransformerBlock, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                         temb: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FluxTransformerBlock.forward`` (diffusers 0.42); marked ``chitu_fused_norms``, each stream's AdaLN norm +
+    modulation and its gated attention residual + norm2 + modulation run as ``services.ada_norm`` kernels."""
+    if not getattr(self, "chitu_fused_norms", False):
+        return FluxTransformerBlock.forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                            joint_attention_kwargs)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero(self.norm1, temb)
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _ada_zero(self.norm1_context, temb)
+    norm_hidden_states = norm_modulate(hidden_states, self.norm1.norm, scale_msa, shift_msa)
+    norm_encoder_hidden_states = norm_modulate(encoder_hidden_states, self.norm1_context.norm, c_scale_msa,
+                                               c_shift_msa)
+    attention_outputs = self.attn(hidden_states=norm_hidden_states, encoder_hidden_states=norm_encoder_hidden_states,
+                                  image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    attn_output, context_attn_output = attention_outputs[:2]
+
+    hidden_states, norm_hidden_states = add_norm_modulate(hidden_states, attn_output, gate_msa, self.norm2,
+                                                          scale_mlp, shift_mlp)
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(norm_hidden_states)
+    if len(attention_outputs) == 3:  # IP-adapter output
+        hidden_states = hidden_states + attention_outputs[2]
+
+    encoder_hidden_states, norm_encoder_hidden_states = add_norm_modulate(
+        encoder_hidden_states, context_attn_output, c_gate_msa, self.norm2_context, c_scale_mlp, c_shift_mlp)
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(norm_encoder_hidden_states)
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
+double_block_forward.chitu_block_forward = True  # type: ignore[attr-defined]
+
+
 def install(transformer: torch.nn.Module, ops: AttentionOps) -> int:
-    """Put our processor on every Flux attention module and our forward on every single-stream block that still runs
-    diffusers' own (a block whose forward was already replaced, by us or by compilation of ours, keeps it); returns
-    how many processors were replaced."""
+    """Put our processor on every Flux attention module and our forwards on every block that still runs diffusers'
+    own (a block whose forward was already replaced, by us or by compilation of ours, keeps it); returns how many
+    processors were replaced."""
     n = 0
     for module in transformer.modules():
         if isinstance(module, FluxAttention):
@@ -134,4 +185,6 @@ def install(transformer: torch.nn.Module, ops: AttentionOps) -> int:
             n += 1
         elif isinstance(module, FluxSingleTransformerBlock) and "forward" not in vars(module):
             module.forward = types.MethodType(single_block_forward, module)
+        elif isinstance(module, FluxTransformerBlock) and "forward" not in vars(module):
+            module.forward = types.MethodType(double_block_forward, module)
     return n

@@ -10,14 +10,26 @@ Each Wan block has two attention modules:
 
 All tensors are ``[B, S, H, D]``. The projections, RMS norms across heads and the rotary embedding are those of
 diffusers' ``WanAttnProcessor``; only the attention call changes, and with ``runtime.fuse_norm_rope`` the
-self-attention's query/key norm and rotation run as one kernel (``services.norm_rope``).
+self-attention's query/key norm and rotation run as one kernel (``services.norm_rope``; the cross-attention's norms
+run in the same kernel without the rotation).
+
+The block forward (``block_forward``) is diffusers' ``WanTransformerBlock.forward``; with ``runtime.fuse_norms`` each
+residual add is computed with the layer norm and modulation that follow it in one kernel (``services.ada_norm``).
 """
 
 from __future__ import annotations
 
-import torch
-from diffusers.models.transformers.transformer_wan import WanAttention, _get_added_kv_projections, _get_qkv_projections
+import types
 
+import torch
+from diffusers.models.transformers.transformer_wan import (
+    WanAttention,
+    WanTransformerBlock,
+    _get_added_kv_projections,
+    _get_qkv_projections,
+)
+
+from services.ada_norm import add_norm_modulate, norm_modulate
 from services.attention import AttentionOps
 from services.norm_rope import norm_rope
 
@@ -56,7 +68,7 @@ class WanAttnProcessor:
 
         q, k, v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         v = v.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None and getattr(attn, "chitu_fused_norm_rope", False):
+        if getattr(attn, "chitu_fused_norm_rope", False):  # cross-attention (no rotary_emb): the norms alone
             q = norm_rope(q.unflatten(2, (attn.heads, -1)), attn.norm_q, rotary_emb)
             k = norm_rope(k.unflatten(2, (attn.heads, -1)), attn.norm_k, rotary_emb)
         else:
@@ -83,11 +95,44 @@ class WanAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                  temb: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``WanTransformerBlock.forward`` (diffusers 0.42); marked ``chitu_fused_norms``, the residual adds, layer norms
+    and modulations run as ``services.ada_norm`` kernels: (norm1 + modulation), (gated residual + norm2), (residual +
+    norm3 + modulation); the last gated residual stays a pointwise op (inductor fuses it)."""
+    if not getattr(self, "chitu_fused_norms", False):
+        return WanTransformerBlock.forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+    if temb.ndim == 4:  # Wan2.2-TI2V: one modulation per token, [B, S, 6, D]
+        mods = [m.squeeze(2) for m in (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)]
+    else:  # [B, 6, D]
+        mods = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
+
+    norm_hidden_states = norm_modulate(hidden_states, self.norm1, scale_msa, shift_msa)
+    attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb)
+    if isinstance(self.norm2, torch.nn.LayerNorm):
+        hidden_states, norm_hidden_states = add_norm_modulate(hidden_states, attn_output, gate_msa, self.norm2)
+    else:  # cross_attn_norm=False: norm2 is the identity
+        hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+        norm_hidden_states = hidden_states
+    attn_output = self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
+    hidden_states, norm_hidden_states = add_norm_modulate(hidden_states, attn_output, None, self.norm3,
+                                                          c_scale_msa, c_shift_msa)
+    ff_output = self.ffn(norm_hidden_states)
+    return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+
+
+block_forward.chitu_block_forward = True  # type: ignore[attr-defined]  # removed by remove_block_forwards
+
+
 def install(transformer: torch.nn.Module, ops: AttentionOps) -> int:
-    """Put our processor on every Wan attention module (self and cross); returns how many were replaced."""
+    """Put our processor on every Wan attention module (self and cross) and our forward on every block that still
+    runs diffusers' own; returns how many processors were replaced."""
     n = 0
     for module in transformer.modules():
         if isinstance(module, WanAttention):
             module.set_processor(WanAttnProcessor(ops))
             n += 1
+        elif isinstance(module, WanTransformerBlock) and "forward" not in vars(module):
+            module.forward = types.MethodType(block_forward, module)
     return n
