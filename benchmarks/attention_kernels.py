@@ -4,9 +4,11 @@ measures at start-up), in TFLOP/s, with its error against the float32 math kerne
 Shapes (batch 1, bf16): Flux.1-dev 1024^2 joint attention 4608 x 24 x 128; Wan2.1-1.3B 480p x 81f self-attention
 32760 x 12 x 128 and its cross-attention 32760 -> 512. ``--layouts`` also times cuDNN on contiguous ``[B, H, S, D]``
 inputs (the registry passes ``[B, S, H, D]`` tensors as transposed views), with the copies that layout needs;
-``--fa4-tiles`` times FlashAttention-4 with other tile shapes than its own heuristic.
+``--fa4-tiles`` times FlashAttention-4 with other tile shapes than its own heuristic; ``--packed`` times the exact
+kernels with v (or q, k and v) as views of one fused QKV projection output, as the model blocks hand them over.
 
     python benchmarks/attention_kernels.py [--shapes flux,wan,wan-cross] [--reps 20] [--layouts] [--fa4-tiles]
+        [--packed]
 """
 
 from __future__ import annotations
@@ -71,6 +73,28 @@ def layout_rows(shape: CallShape, reps: int) -> list[tuple[str, float]]:
             ("sdpa_cudnn, q/k [B,H,S,D], v view, + output to rows", _time_ms(qk_heads_major, reps))]
 
 
+def packed_rows(shape: CallShape, reps: int) -> list[tuple[str, float]]:
+    """The exact kernels with their inputs as the blocks hand them over: q and k fresh tensors (the norm + rotary
+    kernel writes them), v a view of the fused QKV output (token rows strided by 3 x H x D); and all three views."""
+    from services.attention.backends import AttentionSpec, BackendName, usable_backends
+
+    q, k, v = _bshd_inputs(shape)
+    # one GEMM's output, [B, S, 3, H, D] (self-attention's QKV) or [B, S_text, 2, H, D] (cross-attention's KV)
+    packed = torch.stack([q, k, v] if shape.kind == "joint" else [k, v], dim=2)
+    *qv, kv, vv = packed.unbind(2)
+    spec = AttentionSpec.for_device(q.device, q.dtype, q.shape[-1])
+    rows = []
+    for backend in usable_backends(spec):
+        if backend.name not in (BackendName.FLASH_ATTN4, BackendName.SDPA_CUDNN):
+            continue
+        cases = {"q, k, v contiguous": (q, k, v), "v a packed view": (q, k, vv)}
+        cases["q, k, v packed views" if qv else "k, v packed views"] = (qv[0] if qv else q, kv, vv)
+        for label, (a, bb, c) in cases.items():
+            rows.append((f"{backend.name.value}, {label}",
+                         _time_ms(lambda a=a, bb=bb, c=c, fn=backend.fn: fn(a, bb, c, None), reps)))
+    return rows
+
+
 FA4_TILES = [((128, 128), True, True), ((128, 128), False, True), ((128, 144), True, True), ((128, 160), True, True),
              ((128, 176), True, True), ((128, 176), False, True), ((128, 192), True, True), ((128, 112), True, True),
              ((192, 128), False, True), ((128, 96), True, True)]
@@ -105,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--layouts", action="store_true", help="cuDNN with other input memory layouts")
     ap.add_argument("--fa4-tiles", action="store_true", help="FlashAttention-4 with other tile shapes")
+    ap.add_argument("--packed", action="store_true", help="exact kernels with inputs as views of a fused QKV output")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -122,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {key} | {m.backend.value}{' (lossy)' if m.lossy else ''} | {m.ms_per_forward:.3f} | {tf:.0f} | "
                   f"{m.rel_err:.2e} | {m.status} |", flush=True)
         extra = layout_rows(shape, args.reps) if args.layouts else []
+        if args.packed:
+            extra += packed_rows(shape, args.reps)
         if args.fa4_tiles and shape.kind == "joint":
             extra += fa4_tile_rows(shape, args.reps)
         for label, ms in extra:

@@ -42,11 +42,13 @@ from services.runtime import (  # noqa: E402
     RuntimeConfig,
     fuse_gelu_epilogues,
     fuse_norm_rope,
+    fuse_norms,
     fuse_projections,
     regional_compile,
     undo_regional_compile,
     unfuse_gelu_epilogues,
     unfuse_norm_rope,
+    unfuse_norms,
 )
 
 FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
@@ -195,6 +197,7 @@ def set_diffusers_backend(model: torch.nn.Module, name: str | None) -> None:
     remove_block_forwards(model)  # diffusers' own block forwards too, not only its processors
     unfuse_gelu_epilogues(model)  # and its own MLPs
     unfuse_norm_rope(model)  # and its own q/k norms and rotation
+    unfuse_norms(model)  # and its own residual + layer norm + modulation ops
     if "wan" in _DISPATCH:
         import diffusers.models.transformers.transformer_wan as tw
 
@@ -438,7 +441,8 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     ops = AttentionOps(joint=auto_joint.fn, cross=sel.get("cross").fn)
     def compiled_without(what: str) -> None:
         """Ours compiled before a fusion is applied: the fusion's effect, as one more row."""
-        if not (args.fuse and "unfused" in args.compare):
+        wanted = args.compare.split(",")
+        if not (args.fuse and ("unfused" in wanted or f"unfused-{what}" in wanted)):
             return
         case.install(m, ops)
         torch._dynamo.reset()
@@ -455,6 +459,8 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     bench.facts[f"{case.name}_fused_mlp_modules"] = fuse_gelu_epilogues(m) if args.fuse else 0
     compiled_without("norm+rope")  # fused QKV and MLP; q/k norm + rotation as inductor fuses the model's ops
     bench.facts[f"{case.name}_fused_norm_rope_modules"] = fuse_norm_rope(m) if args.fuse else 0
+    compiled_without("norms")  # everything above; residual + layer norm + modulation as inductor fuses the ops
+    bench.facts[f"{case.name}_fused_norm_blocks"] = fuse_norms(m) if args.fuse else 0
     case.install(m, ops)
     with torch.inference_mode():
         exact_out = case.our_forward().float()  # the exact output lossy kernels are compared with (PSNR)
@@ -627,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="write the top kernels of compiled forwards to OUT")
     ap.add_argument("--compare", default="eager,unfused", help="extra rows: eager (ours eager per backend), "
                     "unfused (ours compiled without fused QKV, then fused QKV without the fused MLP, then without the fused "
-                    "q/k norm + rotation)")
+                    "q/k norm + rotation, then without the fused residual + norms), or one of them: unfused-QKV, "
+                    "unfused-MLP, unfused-norm+rope, unfused-norms")
     ap.add_argument("--wan-reps", type=int, default=5)
     ap.add_argument("--modes", default="default,reduce-overhead,max-autotune-no-cudagraphs",
                     help="inductor modes of ours compiled, in order")
