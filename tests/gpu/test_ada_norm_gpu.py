@@ -109,26 +109,11 @@ def test_compiled_callers_keep_the_kernel_in_their_graph() -> None:
 
 def test_compiled_tiny_wan_worker_matches_eager(tiny_wan) -> None:
     """The Wan block forward with the fused norms, compiled (and with CUDA graphs), vs the eager unfused worker."""
-    from denoiser_svc.config import DenoiserServiceConfig
-    from denoiser_svc.worker import Worker
-    from services.config import ModelConfig
     from services.runtime import RuntimeConfig
+    from tests.gpu.test_attention_gpu import run_worker
 
     def run(runtime: RuntimeConfig) -> tuple[torch.Tensor, dict]:
-        cfg = DenoiserServiceConfig(model=ModelConfig(checkpoint=str(tiny_wan), device="cuda", dtype="bfloat16"),
-                                    runtime=runtime)
-        worker = Worker(cfg)
-        worker.init_device()
-        worker.load_model()
-        job = worker.warmup_job()
-        worker.compile_or_warm_up_model(job)
-        job.request_id, job.end_step = "r", 3
-        job.params = type(job.params)(**{**job.params.__dict__, "steps": 3})
-        worker.add_request(job)
-        for step in range(3):
-            worker.execute_step("r", step)
-        done = worker.finish_request("r")
-        return getattr(done, "latents", done).float(), worker.runtime_facts
+        return run_worker(tiny_wan, runtime, steps=3)
 
     eager, _ = run(RuntimeConfig(attention_backend="sdpa", fuse_qkv=False, fuse_mlp=False, fuse_norm_rope=False,
                                  fuse_norms=False, compile="off"))

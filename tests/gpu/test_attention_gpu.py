@@ -104,29 +104,36 @@ def test_auto_chooses_an_exact_kernel_on_real_shapes() -> None:
         assert f"attention_{kind}_timings" in meta
 
 
-def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux) -> None:
-    """Regional compile (inductor) + auto kernels + fused QKV, MLP and q/k norm+rotary in the worker vs the plain
-    eager worker, bf16."""
+def run_worker(checkpoint, runtime, steps: int = 4) -> tuple[torch.Tensor, dict]:
+    """A CUDA bf16 worker on ``checkpoint`` with ``runtime``: start-up (auto kernels, compile, warm-up), then one
+    request of ``steps`` steps; returns its latents (float32) and the worker's runtime facts."""
     from denoiser_svc.config import DenoiserServiceConfig
     from denoiser_svc.worker import Worker
     from services.config import ModelConfig
+
+    cfg = DenoiserServiceConfig(model=ModelConfig(checkpoint=str(checkpoint), device="cuda", dtype="bfloat16"),
+                                runtime=runtime)
+    worker = Worker(cfg)
+    worker.init_device()
+    worker.load_model()
+    job = worker.warmup_job()
+    worker.compile_or_warm_up_model(job)
+    job.request_id, job.end_step = "r", steps
+    job.params = type(job.params)(**{**job.params.__dict__, "steps": steps})
+    worker.add_request(job)
+    for step in range(steps):
+        worker.execute_step("r", step)
+    done = worker.finish_request("r")
+    return getattr(done, "latents", done).float(), worker.runtime_facts
+
+
+def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux) -> None:
+    """Regional compile (inductor) + auto kernels + fused QKV, MLP, q/k norm+rotary and residual+norms in the worker
+    vs the plain eager worker, bf16."""
     from services.runtime import RuntimeConfig
 
     def run(runtime: RuntimeConfig) -> tuple[torch.Tensor, dict]:
-        cfg = DenoiserServiceConfig(model=ModelConfig(checkpoint=str(tiny_flux), device="cuda", dtype="bfloat16"),
-                                    runtime=runtime)
-        worker = Worker(cfg)
-        worker.init_device()
-        worker.load_model()
-        job = worker.warmup_job()
-        worker.compile_or_warm_up_model(job)
-        job.request_id, job.end_step = "r", 4
-        job.params = type(job.params)(**{**job.params.__dict__, "steps": 4})
-        worker.add_request(job)
-        for step in range(4):
-            worker.execute_step("r", step)
-        done = worker.finish_request("r")
-        return getattr(done, "latents", done).float(), worker.runtime_facts
+        return run_worker(tiny_flux, runtime)
 
     eager, _ = run(RuntimeConfig(attention_backend="sdpa", fuse_qkv=False, fuse_mlp=False, fuse_norm_rope=False,
                                  fuse_norms=False, compile="off"))
