@@ -5,9 +5,11 @@ heads in Wan) and then rotate interleaved pairs (0, 1), (2, 3), ... of each head
 as separate ops, inductor fuses them into one kernel but reads the 2-element pairs and the reduction poorly: measured
 on an H200 (2026-11-27) the Wan kernel moved 400 MB in 465 us (0.86 TB/s), Flux's single-block one ran at 1.15 TB/s.
 
-``norm_rope`` computes ``rotate(rms_norm(x) * weight)`` with one Triton kernel on CUDA: a program per token loads the
-token's row (all heads) once, reduces in float32, applies the scale and the rotation in float32 and writes the row once,
-rounded to the input dtype once. Flux's double-stream blocks normalise the text and image queries with different
+``norm_rope`` computes ``rotate(rms_norm(x) * weight)`` with one Triton kernel on CUDA: a program takes one or more
+tokens (autotuned with the warps per shape at the first call; one token with 2-4 warps measured fastest, ~3.8 TB/s on an
+H200), loads each token's row (all heads) once, reduces in float32, applies the scale and the rotation in float32 and
+writes the row once, rounded to the input dtype once; an opaque custom op (``chitu::norm_rope``) that compiled blocks
+call as it is. Without rotary tables it is the norm alone (Wan's cross-attention queries and keys). Flux's double-stream blocks normalise the text and image queries with different
 weights and attend over their concatenation: ``norm_rope(text, ..., second=image, ...)`` writes both into one output,
 so the concatenation costs no extra pass. Elsewhere (CPU, float32, a head dim that is not a power of two) the same
 float32 math runs as torch ops.
