@@ -32,7 +32,7 @@ CALLS = 10  # calls a timed sample (short kernels: one event pair per call would
 
 HOST_COVER_CYCLES = 60_000_000
 """~30 ms of ``torch.cuda._sleep`` queued before each sample: the launcher of a Triton kernel called from Python
-(``wrap_triton``, the autotuner's lookup) costs tens of microseconds of host time a call, more than these kernels run;
+costs tens of microseconds of host time a call, more than these kernels run;
 inside a compiled block inductor launches them and the host runs ahead of the device. Measured on an H200: with ~1 ms
 of cover, CALLS calls of our kernels timed the host (0.1-0.9 ms a call)."""
 
@@ -71,7 +71,7 @@ def _report(name: str, nbytes: int, baseline_us: float, rows: list[tuple[str, fl
 
 
 def ada_cases():
-    """name -> (inductor fn, our launch for a config (None: autotuned), bytes, configs) for each block step."""
+    """name -> (inductor fn, our launch for a config (None: the default), bytes, configs) for each block step."""
     launch = ada_norm.register_cuda_kernel()
     out = {}
     # Wan2.1-1.3B at 480p x 81f: 32760 tokens x 1536, float32 modulation vectors [B, 1, D]
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for name, (model_ops, ours, nbytes, configs) in cases.items():
             baseline = _us(torch.compile(model_ops), args.reps)
-            rows = [("ours autotuned", _us(lambda f=ours: f(None), args.reps))]
+            rows = [("ours (kernel_config)", _us(lambda f=ours: f(None), args.reps))]
             for cfg in configs:
                 try:
                     rows.append((f"ours {cfg[0]} rows x {cfg[1]} warps", _us(lambda c=cfg, f=ours: f(c), args.reps)))

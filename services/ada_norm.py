@@ -9,8 +9,8 @@ Every block of Wan and Flux wraps its attention and MLP in the same elementwise 
 ``[B, 1, D]``), or one per token (Wan2.2-TI2V's ``[B, S, D]``). Written as separate ops, inductor fuses each such
 chain into one reduction kernel that reads the two inputs and writes the two outputs, but ran them at ~2.2 TB/s on an
 H200 (Wan: three a block, ~180 us each at 32760 x 1536). ``add_norm_modulate`` / ``norm_modulate`` compute the chain
-with one Triton kernel on CUDA (several rows a program, autotuned per row width at the first call; float32 math,
-one rounding per output), an opaque custom op inside the compiled block graph: inductor calls it as it is (as a
+with one Triton kernel on CUDA (a fixed launch config per row width, see ``kernel_config``; float32 math, one
+rounding per output), an opaque custom op inside the compiled block graph: inductor calls it as it is (as a
 ``triton_op``, which inductor launches from its own generated code, the same kernel ran 1.1-2x slower on an H200:
 ``benchmarks/fused_kernels.py``, "compiled" rows).
 
@@ -121,9 +121,16 @@ def norm_modulate(h: torch.Tensor, norm: torch.nn.Module, scale: torch.Tensor | 
 
 
 KERNEL_CONFIGS = ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (4, 16), (8, 8), (8, 16))
-"""(rows a program, warps) the kernel is autotuned over, per row width and variant (residual, gate, affine,
-modulation), at its first call (the worker's warm-up);
-``benchmarks/fused_kernels.py`` times each against inductor's fusion."""
+"""(rows a program, warps) launch configs ``benchmarks/fused_kernels.py`` times against inductor's fusion."""
+
+
+def kernel_config(width: int) -> tuple[int, int]:
+    """The launch config for a row width: one row a program, 4 warps (8 past 4096 elements). Measured on an H200
+    (2026-11-27, all nine configs at Wan's 32760 x 1536 and Flux's 4096-4608 x 3072, every variant): the fastest or
+    within 0.5 % of it (Triton's autotuner picked 1 or 2 rows x 4 warps everywhere). A fixed config rather than
+    autotuning at start-up: the reduction order depends on the warps, so a timing-dependent choice could change the
+    rounding, and so the output of a seeded request, from one start to the next."""
+    return (1, 4) if width <= 4096 else (1, 8)
 
 
 @functools.cache
@@ -168,8 +175,6 @@ def register_cuda_kernel():
         tl.store(out_ptr + out_rows + col, o.to(out_ptr.dtype.element_ty), mask=mask)
 
     jitted = triton.jit(kernel)
-    tuned = triton.autotune([triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in KERNEL_CONFIGS],
-                            key=["width", "HAS_RES", "HAS_GATE", "HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"])(jitted)
 
     def vec_strides(v: torch.Tensor | None) -> tuple[int, int]:
         # a batch or token dim of size 1 is broadcast (stride 0)
@@ -184,11 +189,8 @@ def register_cuda_kernel():
         bsz, seq, width = h.shape
         rows = bsz * seq
         y_s = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
-        if config is None:
-            fn, grid, meta = tuned, lambda m: (triton.cdiv(rows, m["BLOCK_M"]),), {}
-        else:
-            fn, grid, meta = jitted, (triton.cdiv(rows, config[0]),), {"BLOCK_M": config[0], "num_warps": config[1]}
-        fn[grid](
+        block_m, warps = config or kernel_config(width)
+        jitted[(triton.cdiv(rows, block_m),)](
             h, y if y is not None else h, gate if gate is not None else h, weight if weight is not None else h,
             bias if bias is not None else h, scale if scale is not None else h, shift if shift is not None else h,
             hout if hout is not None else out, out, rows, seq, row_off, width, eps,
@@ -196,7 +198,7 @@ def register_cuda_kernel():
             out.stride(0), out.stride(1),
             BLOCK_D=triton.next_power_of_2(width), HAS_RES=y is not None, HAS_GATE=gate is not None,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-            HAS_SHIFT=shift is not None, **meta)
+            HAS_SHIFT=shift is not None, BLOCK_M=block_m, num_warps=warps)
 
     def part_vec(v: torch.Tensor | None, start: int, n: int) -> torch.Tensor | None:
         return v if v is None or v.shape[1] == 1 else v[:, start:start + n]

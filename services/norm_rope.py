@@ -5,9 +5,8 @@ heads in Wan) and then rotate interleaved pairs (0, 1), (2, 3), ... of each head
 as separate ops, inductor fuses them into one kernel but reads the 2-element pairs and the reduction poorly: measured
 on an H200 (2026-11-27) the Wan kernel moved 400 MB in 465 us (0.86 TB/s), Flux's single-block one ran at 1.15 TB/s.
 
-``norm_rope`` computes ``rotate(rms_norm(x) * weight)`` with one Triton kernel on CUDA: a program takes one or more
-tokens (autotuned with the warps per shape at the first call; one token with 2-4 warps measured fastest, ~3.8 TB/s on an
-H200), loads each token's row (all heads) once, reduces in float32, applies the scale and the rotation in float32 and
+``norm_rope`` computes ``rotate(rms_norm(x) * weight)`` with one Triton kernel on CUDA: a program takes one token (a
+fixed launch config per row width, ``kernel_config``: ~3.8 TB/s on an H200), loads each token's row (all heads) once, reduces in float32, applies the scale and the rotation in float32 and
 writes the row once, rounded to the input dtype once; an opaque custom op (``chitu::norm_rope``) that compiled blocks
 call as it is. Without rotary tables it is the norm alone (Wan's cross-attention queries and keys). Flux's double-stream blocks normalise the text and image queries with different
 weights and attend over their concatenation: ``norm_rope(text, ..., second=image, ...)`` writes both into one output,
@@ -106,8 +105,15 @@ def norm_rope(x: torch.Tensor, norm: torch.nn.Module, rotary: tuple[torch.Tensor
 
 
 KERNEL_CONFIGS = ((1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8))
-"""(tokens a program, warps) the kernel is autotuned over, per (heads, head dim, norm kind), at its first call (the
-worker's warm-up); ``benchmarks/fused_kernels.py`` times each against inductor's fusion."""
+"""(tokens a program, warps) launch configs ``benchmarks/fused_kernels.py`` times against inductor's fusion."""
+
+
+def kernel_config(tile: int) -> tuple[int, int]:
+    """The launch config for a token's tile of ``tile`` = padded heads x head dim elements: one token a program, a warp
+    per 1024 elements (2 to 8). Measured on an H200 (2026-11-27; Wan 16 x 128 padded: 1 x 2 warps 62 us, the fastest
+    within 0.2 %; Flux 32 x 128: 1 x 4 warps 16.4 us, the fastest). Fixed rather than autotuned so that the rounding
+    (the reduction order depends on the warps) does not change from one start to the next."""
+    return 1, min(8, max(2, tile // 1024))
 
 
 @functools.cache
@@ -153,8 +159,6 @@ def register_cuda_kernel():
                  out.to(out_ptr.dtype.element_ty), mask=mask)
 
     jitted = triton.jit(kernel)
-    tuned = triton.autotune([triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in KERNEL_CONFIGS],
-                            key=["H", "D", "PER_HEAD", "HAS_W", "HAS_ROPE"])(jitted)
 
     def launch(part: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
                out: torch.Tensor, row_off: int, eps: float, per_head: bool,
@@ -163,16 +167,13 @@ def register_cuda_kernel():
         if part.stride(-1) != 1 or part.stride(-2) != dim:  # every token's heads must be one contiguous row
             part = part.contiguous()
         rows = bsz * seq
-        if config is None:
-            fn, grid, meta = tuned, lambda m: (triton.cdiv(rows, m["BLOCK_M"]),), {}
-        else:
-            fn, grid, meta = jitted, (triton.cdiv(rows, config[0]),), {"BLOCK_M": config[0], "num_warps": config[1]}
-        fn[grid](
+        block_m, warps = config or kernel_config(triton.next_power_of_2(heads) * dim)
+        jitted[(triton.cdiv(rows, block_m),)](
             part, weight if weight is not None else part, cos if cos is not None else part,
             sin if sin is not None else part, out, rows, seq, row_off, part.stride(0), part.stride(1), out.stride(0),
             out.stride(1), cos.stride(0) if cos is not None else 0, cos.stride(1) if cos is not None else 0, eps,
             H=heads, D=dim, BLOCK_H=triton.next_power_of_2(heads), PER_HEAD=per_head, HAS_W=weight is not None,
-            HAS_ROPE=cos is not None, **meta)
+            HAS_ROPE=cos is not None, BLOCK_M=block_m, num_warps=warps)
 
     @torch.library.custom_op("chitu::norm_rope", mutates_args=())
     def op(x: torch.Tensor, weight: torch.Tensor | None, second: torch.Tensor | None,
