@@ -461,6 +461,9 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     bench.facts[f"{case.name}_fused_norm_rope_modules"] = fuse_norm_rope(m) if args.fuse else 0
     compiled_without("norms")  # everything above; residual + layer norm + modulation as inductor fuses the ops
     bench.facts[f"{case.name}_fused_norm_blocks"] = fuse_norms(m) if args.fuse else 0
+    for what in ABLATIONS:
+        mode = "default" if args.compile_backend == "inductor" else args.compile_backend
+        compiled_ablated(bench, case, m, ops, what, f"ours compiled {mode} {auto_joint.name.value}", timed, args)
     case.install(m, ops)
     with torch.inference_mode():
         exact_out = case.our_forward().float()  # the exact output lossy kernels are compared with (PSNR)
@@ -519,6 +522,44 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     torch._dynamo.reset()
     if extra is not None and best_ours is not None and bench.left() > 60:
         service_steps(bench, case, extra, best_ours[1], args)
+
+
+def _qkv_flags(model: torch.nn.Module, on: bool) -> None:
+    """Our fused Q/K/V projections off (the separate projections are views of the fused weight, so they compute the
+    same thing as separate GEMMs) or back on."""
+    for module in model.modules():
+        if hasattr(module, "to_qkv") or hasattr(module, "to_kv"):
+            module.fused_projections = on
+
+
+ABLATIONS = {
+    "QKV": (lambda m: _qkv_flags(m, False), lambda m: _qkv_flags(m, True)),
+    "MLP": (unfuse_gelu_epilogues, fuse_gelu_epilogues),
+    "norm+rope": (unfuse_norm_rope, fuse_norm_rope),
+    "norms": (unfuse_norms, fuse_norms),
+}
+"""Each fusion, undone and redone: ``--compare ablate`` times ours compiled with every fusion but one."""
+
+
+def compiled_ablated(bench: Bench, case: ModelCase, model: torch.nn.Module, ops, what: str, label: str, timed,
+                     args) -> None:
+    """Ours compiled with every fusion except ``what`` (``--compare ablate`` or ``ablate-<what>``): what that one
+    fusion is worth on top of the others, where the ``unfused`` rows measure each on top of the ones before it."""
+    wanted = args.compare.split(",")
+    if not (args.fuse and ("ablate" in wanted or f"ablate-{what}" in wanted)):
+        return
+    undo, redo = ABLATIONS[what]
+    undo(model)
+    try:
+        case.install(model, ops)
+        torch._dynamo.reset()
+        regional_compile(model, RuntimeConfig(compile="on", compile_backend=args.compile_backend), bench.device)
+        with torch.inference_mode():
+            case.our_forward()
+        timed(f"{label} without {what} (every other fusion on)", case.our_forward)
+        undo_regional_compile(model)
+    finally:
+        redo(model)
 
 
 def service_steps(bench: Bench, case: ModelCase, extra: tuple, rt: RuntimeConfig, args) -> None:
@@ -634,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", default="eager,unfused", help="extra rows: eager (ours eager per backend), "
                     "unfused (ours compiled without fused QKV, then fused QKV without the fused MLP, then without the fused "
                     "q/k norm + rotation, then without the fused residual + norms), or one of them: unfused-QKV, "
-                    "unfused-MLP, unfused-norm+rope, unfused-norms")
+                    "unfused-MLP, unfused-norm+rope, unfused-norms; ablate (ours compiled with every fusion but one, "
+                    "for each) or ablate-QKV, ablate-MLP, ablate-norm+rope, ablate-norms")
     ap.add_argument("--wan-reps", type=int, default=5)
     ap.add_argument("--modes", default="default,reduce-overhead,max-autotune-no-cudagraphs",
                     help="inductor modes of ours compiled, in order")
