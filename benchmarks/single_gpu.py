@@ -441,16 +441,9 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     ops = AttentionOps(joint=auto_joint.fn, cross=sel.get("cross").fn)
     def compiled_without(what: str) -> None:
         """Ours compiled before a fusion is applied: the fusion's effect, as one more row."""
-        wanted = args.compare.split(",")
-        if not (args.fuse and ("unfused" in wanted or f"unfused-{what}" in wanted)):
-            return
-        case.install(m, ops)
-        torch._dynamo.reset()
-        regional_compile(m, RuntimeConfig(compile="on", compile_backend=args.compile_backend), bench.device)
-        with torch.inference_mode():
-            case.our_forward()
-        timed(f"ours compiled default {auto_joint.name.value} unfused {what}", case.our_forward)
-        undo_regional_compile(m)
+        if wants(args, "unfused", what):
+            compiled_row(bench, case, m, ops, f"ours compiled default {auto_joint.name.value} unfused {what}", timed,
+                         args)
 
     compiled_without("QKV")
     fused = fuse_projections(m) if args.fuse else 0
@@ -545,21 +538,31 @@ def compiled_ablated(bench: Bench, case: ModelCase, model: torch.nn.Module, ops,
                      args) -> None:
     """Ours compiled with every fusion except ``what`` (``--compare ablate`` or ``ablate-<what>``): what that one
     fusion is worth on top of the others, where the ``unfused`` rows measure each on top of the ones before it."""
-    wanted = args.compare.split(",")
-    if not (args.fuse and ("ablate" in wanted or f"ablate-{what}" in wanted)):
+    if not wants(args, "ablate", what):
         return
     undo, redo = ABLATIONS[what]
     undo(model)
     try:
-        case.install(model, ops)
-        torch._dynamo.reset()
-        regional_compile(model, RuntimeConfig(compile="on", compile_backend=args.compile_backend), bench.device)
-        with torch.inference_mode():
-            case.our_forward()
-        timed(f"{label} without {what} (every other fusion on)", case.our_forward)
-        undo_regional_compile(model)
+        compiled_row(bench, case, model, ops, f"{label} without {what} (every other fusion on)", timed, args)
     finally:
         redo(model)
+
+
+def wants(args, kind: str, what: str) -> bool:
+    """``--compare`` asks for the ``kind`` row (unfused, ablate) of fusion ``what``: ``kind`` or ``kind-what``."""
+    wanted = args.compare.split(",")
+    return args.fuse and (kind in wanted or f"{kind}-{what}" in wanted)
+
+
+def compiled_row(bench: Bench, case: ModelCase, model: torch.nn.Module, ops, label: str, timed, args) -> None:
+    """One row: ours compiled (inductor's default mode) with the fusions as they stand, warmed up, then timed."""
+    case.install(model, ops)
+    torch._dynamo.reset()
+    regional_compile(model, RuntimeConfig(compile="on", compile_backend=args.compile_backend), bench.device)
+    with torch.inference_mode():
+        case.our_forward()
+    timed(label, case.our_forward)
+    undo_regional_compile(model)
 
 
 def service_steps(bench: Bench, case: ModelCase, extra: tuple, rt: RuntimeConfig, args) -> None:

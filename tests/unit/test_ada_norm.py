@@ -20,7 +20,7 @@ from services.attention import LOCAL_SDPA
 from services.families.base import SamplingParams
 from services.registry import load_adapter
 from services.runtime import fuse_norms, unfuse_norms
-from tests.unit.test_runtime import _denoise
+from tests.unit.test_norm_rope import assert_fusion_matches
 
 F64 = torch.float64
 
@@ -89,23 +89,10 @@ def test_fused_denoise_matches_unfused(family, params, blocks, request) -> None:
     conds = adapter.warmup_conditionings(model)[0]
     adapter.install_attention(model, LOCAL_SDPA)
     t = model.transformer
-    ref = _denoise(adapter, model, conds, params)
     marked = [blk for name in blocks for blk in getattr(t, name)]
     # the models' own layer-norm modules run only on the unfused path
     norms = [m for blk in marked for m in blk.modules() if isinstance(m, torch.nn.LayerNorm)]
-    calls = []
-    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in norms]
-    try:
-        assert fuse_norms(t) == len(marked) > 0
-        fused = _denoise(adapter, model, conds, params)
-        assert not calls
-        assert _rel(fused, ref) < 1e-5
-        unfuse_norms(t)
-        assert torch.equal(_denoise(adapter, model, conds, params), ref)
-        assert calls
-    finally:
-        for h in hooks:
-            h.remove()
+    assert_fusion_matches(adapter, model, conds, params, fuse_norms, unfuse_norms, norms, len(marked))
 
 
 def test_families_without_fusable_blocks_are_not_counted(request) -> None:

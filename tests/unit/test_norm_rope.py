@@ -95,18 +95,29 @@ def test_fused_denoise_matches_unfused(family, params, request) -> None:
     conds = adapter.warmup_conditionings(model)[0]
     adapter.install_attention(model, LOCAL_SDPA)
     t = model.transformer
-    ref = _denoise(adapter, model, conds, params)
     attention = [m for m in t.modules() if hasattr(m, "norm_q") and hasattr(m, "norm_k")]
+    # every query norm is fused (Wan's cross-attention: the norm without a rotation)
+    assert_fusion_matches(adapter, model, conds, params, fuse_norm_rope, unfuse_norm_rope,
+                          [m.norm_q for m in attention], len(attention))
+
+
+def assert_fusion_matches(adapter, model, conds, params, fuse, unfuse, watched: list[torch.nn.Module],
+                          count: int) -> None:
+    """``fuse(transformer)`` marks ``count`` (> 0) modules; the fused denoise matches the unfused one (float32,
+    < 1e-5) and never calls the ``watched`` modules (the model's own ops the fusion replaces); ``unfuse`` gives the
+    unfused result back bit for bit and calls them again."""
+    t = model.transformer
+    ref = _denoise(adapter, model, conds, params)
     calls = []
-    hooks = [m.norm_q.register_forward_hook(lambda *a: calls.append(1)) for m in attention]
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in watched]
     try:
-        assert fuse_norm_rope(t) == len(attention) > 0
+        assert fuse(t) == count > 0
         fused = _denoise(adapter, model, conds, params)
-        # every query norm is fused (Wan's cross-attention: the norm without a rotation)
         assert not calls
         assert _rel(fused, ref) < 1e-5
-        unfuse_norm_rope(t)
+        unfuse(t)
         assert torch.equal(_denoise(adapter, model, conds, params), ref)
+        assert calls
     finally:
         for h in hooks:
             h.remove()
