@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services import ada_norm, norm_rope  # noqa: E402
+from services.attention.autotune import _timer  # noqa: E402
 
 DEV = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -46,16 +47,8 @@ def _us(fn: Callable[[], object], reps: int) -> float:
 
     for _ in range(3):
         many()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(HOST_COVER_CYCLES)
-        start.record()
-        many()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples) * 1000 / CALLS
+    timer = _timer(DEV, HOST_COVER_CYCLES)
+    return statistics.median(timer(many) for _ in range(reps)) * 1000 / CALLS
 
 
 def _randn(*shape, dtype=BF16, seed=0) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -233,23 +233,34 @@ def fuse_norm_rope(model: torch.nn.Module) -> int:
 
     readers = (FluxAttention, Flux2Attention, Flux2ParallelSelfAttention, WanAttention)
 
-    n = 0
-    for module in model.modules():
-        norms = [getattr(module, name, None) for name in ("norm_q", "norm_k")]
-        if isinstance(module, readers) and all(
-                isinstance(x, RMSNorm | torch.nn.RMSNorm) for x in norms):
-            module.chitu_fused_norm_rope = True
-            n += 1
-    if n and any(p.is_cuda for p in model.parameters()):
-        from services.norm_rope import register_cuda_kernel
+    from services.norm_rope import register_cuda_kernel
 
-        register_cuda_kernel()
-    return n
+    def fits(module: torch.nn.Module) -> bool:
+        return isinstance(module, readers) and all(
+            isinstance(getattr(module, name, None), RMSNorm | torch.nn.RMSNorm) for name in ("norm_q", "norm_k"))
+
+    return _mark(model, "chitu_fused_norm_rope", fits, register_cuda_kernel)
 
 
 def unfuse_norm_rope(model: torch.nn.Module) -> None:
+    _unmark(model, "chitu_fused_norm_rope")
+
+
+def _mark(model: torch.nn.Module, attr: str, fits: Callable[[torch.nn.Module], bool],
+          register_kernel: Callable[[], object]) -> int:
+    """Set ``attr`` on every module of ``model`` that ``fits``; returns how many. Registers the fusion's CUDA kernel
+    first when the model is on a GPU (``register_kernel``), so a compiled block finds the op."""
+    marked = [m for m in model.modules() if fits(m)]
+    for module in marked:
+        setattr(module, attr, True)
+    if marked and any(p.is_cuda for p in model.parameters()):
+        register_kernel()
+    return len(marked)
+
+
+def _unmark(model: torch.nn.Module, attr: str) -> None:
     for module in model.modules():
-        vars(module).pop("chitu_fused_norm_rope", None)
+        vars(module).pop(attr, None)
 
 
 def _layer_norms(*norms: Any) -> bool:
@@ -264,30 +275,21 @@ def fuse_norms(model: torch.nn.Module) -> int:
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-    n = 0
-    for m in model.modules():
-        if isinstance(m, WanTransformerBlock):
-            fits = _layer_norms(m.norm1, m.norm3)
-        elif isinstance(m, FluxTransformerBlock):
-            fits = (m.norm1.emb is None and m.norm1_context.emb is None
-                    and _layer_norms(m.norm1.norm, m.norm1_context.norm, m.norm2, m.norm2_context))
-        elif isinstance(m, FluxSingleTransformerBlock):
-            fits = _layer_norms(m.norm.norm)
-        else:
-            continue
-        if fits:
-            m.chitu_fused_norms = True
-            n += 1
-    if n and any(p.is_cuda for p in model.parameters()):
-        from services.ada_norm import register_cuda_kernel
+    from services.ada_norm import register_cuda_kernel
 
-        register_cuda_kernel()
-    return n
+    def fits(m: torch.nn.Module) -> bool:
+        if isinstance(m, WanTransformerBlock):
+            return _layer_norms(m.norm1, m.norm3)
+        if isinstance(m, FluxTransformerBlock):
+            return (m.norm1.emb is None and m.norm1_context.emb is None
+                    and _layer_norms(m.norm1.norm, m.norm1_context.norm, m.norm2, m.norm2_context))
+        return isinstance(m, FluxSingleTransformerBlock) and _layer_norms(m.norm.norm)
+
+    return _mark(model, "chitu_fused_norms", fits, register_cuda_kernel)
 
 
 def unfuse_norms(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        vars(module).pop("chitu_fused_norms", None)
+    _unmark(model, "chitu_fused_norms")
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

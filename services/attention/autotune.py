@@ -132,13 +132,13 @@ Measured on an H200 (FlashAttention-4 at Flux's 4608 x 24 x 128): 0.73 ms a call
 of kernel; inside a model's forward the host runs ahead of the device and that overhead is hidden."""
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Milliseconds of device time one call takes (device events on CUDA, the host's launch work covered by a queued
-    sleep: see HOST_COVER_CYCLES); wall time on the CPU."""
+def _timer(device: torch.device, cover_cycles: int = HOST_COVER_CYCLES) -> Callable[[Callable[[], object]], float]:
+    """Milliseconds of device time one call takes (device events on CUDA, the host's launch work covered by
+    ``cover_cycles`` of queued sleep: see HOST_COVER_CYCLES); wall time on the CPU."""
     if device.type == "cuda":
         def cuda_ms(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(HOST_COVER_CYCLES)
+            torch.cuda._sleep(cover_cycles)
             start.record()
             fn()
             end.record()
