@@ -5,10 +5,12 @@ Shapes (batch 1, bf16): Flux.1-dev 1024^2 joint attention 4608 x 24 x 128; Wan2.
 32760 x 12 x 128 and its cross-attention 32760 -> 512. ``--layouts`` also times cuDNN on contiguous ``[B, H, S, D]``
 inputs (the registry passes ``[B, S, H, D]`` tensors as transposed views), with the copies that layout needs;
 ``--fa4-tiles`` times FlashAttention-4 with other tile shapes than its own heuristic; ``--packed`` times the exact
-kernels with v (or q, k and v) as views of one fused QKV projection output, as the model blocks hand them over.
+kernels with v (or q, k and v) as views of one fused QKV projection output, as the model blocks hand them over;
+``--sustained S`` calls FA4 / cuDNN back to back for S seconds (as inside a forward) against the covered timing,
+with the SM clock and power (with ``--fa4-tiles``: every tile shape that way).
 
     python benchmarks/attention_kernels.py [--shapes flux,wan,wan-cross] [--reps 20] [--layouts] [--fa4-tiles]
-        [--packed]
+        [--packed] [--sustained 3]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -100,13 +103,16 @@ FA4_TILES = [((128, 128), True, True), ((128, 128), False, True), ((128, 144), T
              ((192, 128), False, True), ((128, 96), True, True)]
 
 
-def fa4_tile_rows(shape: CallShape, reps: int) -> list[tuple[str, float]]:
-    """FlashAttention-4's forward with other tile shapes than its SM90 heuristic (128 x 128, RS, overlap)."""
+def fa4_tile_rows(shape: CallShape, reps: int, sustained: float = 0.0, rounds: int = 3) -> list[tuple[str, float]]:
+    """FlashAttention-4's forward with other tile shapes than its SM90 heuristic (128 x 128, RS, overlap), timed
+    covered (idle before each call: boost clocks); with ``sustained`` seconds each tile is also run back to back
+    that long (the card at its power cap, as inside a forward: a tile that moves fewer bytes a FLOP may clock higher
+    there), in ``rounds`` rounds over all tiles (the card's clock drifts over a minute; the median per tile)."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
     q, k, v = _bshd_inputs(shape)
     ref = _flash_attn_fwd(q, k, v)[0]
-    rows = []
+    rows, calls = [], {}
     for tile, rs, overlap in FA4_TILES:
         label = f"flash_attn4 tile {tile[0]}x{tile[1]}{' RS' if rs else ''}{' OL' if overlap else ''}"
         try:
@@ -117,9 +123,66 @@ def fa4_tile_rows(shape: CallShape, reps: int) -> list[tuple[str, float]]:
             if err > 1e-2:
                 raise ValueError(f"differs from the default tile by {err:.1e}")
             rows.append((label, _time_ms(call, reps)))
+            calls[label] = call
         except Exception as exc:  # noqa: BLE001 - infeasible tiles fail to compile; report and go on
             print(f"  {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}",
                   flush=True)
+    if sustained:
+        busy: dict[str, list[float]] = {label: [] for label in calls}
+        clocks: dict[str, str] = {}
+        for _ in range(rounds):
+            for label, call in calls.items():
+                ms, sampler = _sustained_ms(call, sustained)
+                busy[label].append(ms)
+                clocks[label] = sampler.brief()
+        for label, runs in busy.items():
+            rows.append((f"{label}, sustained {sustained:g} s x {rounds} rounds "
+                         f"({', '.join(f'{r:.3f}' for r in runs)}) [{clocks[label]}]", statistics.median(runs)))
+    return rows
+
+
+def _sustained_ms(call, seconds: float):
+    """Per-call milliseconds of ``call`` run back to back for ``seconds`` (no idle time between calls, as inside a
+    long forward; the median of the second half), and the clock sampler that watched it."""
+    from benchmarks.gpu_clocks import ClockSampler
+
+    ms = []
+    with ClockSampler(torch.cuda.current_device()) as clocks:
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(11)]
+            ends[0].record()
+            for e in ends[1:]:
+                call()
+                e.record()
+            ends[-1].synchronize()
+            ms += [a.elapsed_time(b) for a, b in zip(ends, ends[1:], strict=False)]
+    return statistics.median(ms[len(ms) // 2:]), clocks
+
+
+def sustained_rows(shape: CallShape, seconds: float) -> list[tuple[str, float]]:
+    """FlashAttention-4 (where installed) and cuDNN called back to back for ``seconds``, against the covered timing
+    (``_time_ms``: the device idles ~30 ms before each call), with the SM clock and power over each."""
+    from benchmarks.gpu_clocks import ClockSampler
+    from services.attention.backends import AttentionSpec, BackendName, usable_backends
+
+    q, k, v = _bshd_inputs(shape)
+    spec = AttentionSpec.for_device(q.device, q.dtype, q.shape[-1])
+    rows = []
+    for backend in usable_backends(spec):
+        if backend.name not in (BackendName.FLASH_ATTN4, BackendName.SDPA_CUDNN):
+            continue
+
+        def call(fn=backend.fn):
+            return fn(q, k, v, None)
+
+        with ClockSampler(torch.cuda.current_device()) as idle_clocks:
+            covered = _time_ms(call, 10)
+        busy, busy_clocks = _sustained_ms(call, seconds)
+        print(f"  {backend.name.value} covered: {idle_clocks.summary()}", flush=True)
+        print(f"  {backend.name.value} sustained {seconds:.0f} s: {busy_clocks.summary()}", flush=True)
+        rows.append((f"{backend.name.value}, covered (idle before each call)", covered))
+        rows.append((f"{backend.name.value}, sustained {seconds:.0f} s back to back (2nd half)", busy))
     return rows
 
 
@@ -130,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", action="store_true", help="cuDNN with other input memory layouts")
     ap.add_argument("--fa4-tiles", action="store_true", help="FlashAttention-4 with other tile shapes")
     ap.add_argument("--packed", action="store_true", help="exact kernels with inputs as views of a fused QKV output")
+    ap.add_argument("--sustained", type=float, default=0.0, help="seconds of back-to-back calls of FA4 / cuDNN, "
+                    "with the SM clock and power (0: off)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -149,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         extra = layout_rows(shape, args.reps) if args.layouts else []
         if args.packed:
             extra += packed_rows(shape, args.reps)
+        if args.sustained and not args.fa4_tiles:
+            extra += sustained_rows(shape, args.sustained)
         if args.fa4_tiles and shape.kind == "joint":
-            extra += fa4_tile_rows(shape, args.reps)
+            extra += fa4_tile_rows(shape, args.reps, args.sustained)
         for label, ms in extra:
             print(f"| {key} | {label} | {ms:.3f} | {flop(shape) / ms / 1e9:.0f} | - | ok |", flush=True)
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import datetime
 import json
 import math
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_clocks import ClockSampler  # noqa: E402
 from services.attention import AttentionOps  # noqa: E402
 from services.attention.autotune import ShapeRecorder  # noqa: E402
 from services.attention.backends import AttentionSpec, BackendName, get_backend, usable_backends  # noqa: E402
@@ -259,6 +261,8 @@ class ModelCase:
     """One forward our way (the adapter's forward with its per-request constants)."""
     install: Callable[[torch.nn.Module, AttentionOps], int]
     note: str = ""
+    forward_on: Callable[[torch.nn.Module], Callable[[], torch.Tensor]] | None = None
+    """``forward`` on another instance of the model (the interleaved rows run diffusers on a twin)."""
 
 
 def flux_case(bench: Bench, tiny: bool, workdir: Path):
@@ -285,13 +289,13 @@ def flux_case(bench: Bench, tiny: bool, workdir: Path):
     inputs = state.branch_inputs["cond"]
     t = state.timesteps[3].expand(1).to(bench.dtype) / 1000
 
-    def diffusers_forward():
-        return transformer(hidden_states=state.latents, timestep=t, return_dict=False, **inputs)[0]
+    def forward_on(module: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        return lambda: module(hidden_states=state.latents, timestep=t, return_dict=False, **inputs)[0]
 
     def our_forward():
         return adapter.forward(pipe, state, state.latents, 3, "cond")
 
-    case = ModelCase("flux", transformer, diffusers_forward, our_forward, install)
+    case = ModelCase("flux", transformer, forward_on(transformer), our_forward, install, forward_on=forward_on)
     return case, (adapter, pipe, ckpt, conds, params)
 
 
@@ -327,15 +331,17 @@ def wan_case(bench: Bench, tiny: bool):
     text = torch.randn(1, text_len, cfg["text_dim"], generator=gen, device=bench.device, dtype=bench.dtype)
     t = torch.full((1,), 500.0, device=bench.device)
 
-    def forward():
-        return transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    def forward_on(module: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        return lambda: module(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+    forward = forward_on(transformer)
 
     note = ""
     try:
         from services.families.processors.wan import install
     except ImportError:  # our Wan processors not in the tree: route diffusers' processors through our kernel
         install, note = _install_through_dispatch, "ours via diffusers' attention dispatch (no Wan processors yet)"
-    return ModelCase("wan", transformer, forward, forward, install, note)
+    return ModelCase("wan", transformer, forward, forward, install, note, forward_on=forward_on)
 
 
 _DISPATCH: dict[str, Callable] = {}
@@ -361,6 +367,8 @@ def _install_through_dispatch(model: torch.nn.Module, ops: AttentionOps) -> int:
 def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None, args) -> None:
     m = case.model
     print(f"\n== {case.name} {case.note}", flush=True)
+    # diffusers' side of the interleaved rows: an untouched copy of the model, compiled its way at the end
+    twin = copy.deepcopy(m) if args.interleave else None
     if case.name == "wan" and not args.tiny:
         bench.reps = args.wan_reps
     lin, attn, shapes = count_flops(m, case.forward, case.install, bench)
@@ -385,10 +393,13 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         try:
             with torch.inference_mode():
                 out = fn().float()
-                runs = bench.time_fn(fn, reps=reps)
+                with ClockSampler(bench.device.index or 0) as clocks:
+                    runs = bench.time_fn(fn, reps=reps)
         except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
             print(f"  {variant} failed: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
             return None
+        if clocks.samples:  # the card clocks down under its power cap: which clock each row ran at
+            note = f"{note} [{clocks.brief()}]".strip()
         row = Row(case.name, variant, statistics.median(runs), rel_err(out, ref), lossy, note=note, runs=runs)
         if lossy and exact is not None:
             row.psnr = psnr(out, exact)
@@ -502,6 +513,9 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         undo_regional_compile(m)
         if row and (best_ours is None or row.seconds < best_ours[0].seconds):
             best_ours = (row, crt)
+    if twin is not None and best_ours is not None and bench.left() > 60:
+        interleaved(bench, case, twin, best_name, ops, best_ours[1], ref, args)
+    twin = None
     # lossy compiled (reported separately)
     sage = [b for b in usable if b.constraints.lossy]
     if sage and bench.left() > 90 and not args.quick:
@@ -515,6 +529,63 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     torch._dynamo.reset()
     if extra is not None and best_ours is not None and bench.left() > 60:
         service_steps(bench, case, extra, best_ours[1], args)
+
+
+def interleaved(bench: Bench, case: ModelCase, twin: torch.nn.Module, best_name: str | None, ops: AttentionOps,
+                crt: RuntimeConfig, ref: torch.Tensor, args) -> None:
+    """The headline pair measured in turns: diffusers' strongest configuration (on ``twin``) and ours (the fastest
+    compiled row), both compiled and resident, timed alternately for ``args.interleave`` rounds (the order flips each
+    round). The rows above run one after the other, minutes apart, and the card's clock drifts as it heats up
+    (``gpu_clocks``): timed in turns both sides see the same clock."""
+    set_diffusers_backend(twin, best_name)
+    twin.compile_repeated_blocks(fullgraph=False, backend=args.compile_backend)
+    theirs = case.forward_on(twin)
+    case.install(case.model, ops)
+    regional_compile(case.model, crt, bench.device)
+    ours = case.our_forward
+    if crt.cuda_graphs:
+        def ours():
+            torch.compiler.cudagraph_mark_step_begin()
+            return case.our_forward()
+    runs: dict[tuple[str, str], list[float]] = {(side, how): [] for side in ("theirs", "ours")
+                                                  for how in ("single", "loop")}
+    outs = {}
+    try:
+        with torch.inference_mode():
+            for name, fn in (("theirs", theirs), ("ours", ours)):
+                outs[name] = fn().float()
+            with ClockSampler(bench.device.index or 0) as clocks:
+                for r in range(args.interleave):
+                    order = (("theirs", theirs), ("ours", ours)) if r % 2 == 0 else (("ours", ours), ("theirs", theirs))
+                    for name, fn in order:
+                        runs[name, "single"] += bench.time_fn(fn, reps=3, warmup=1)
+                        runs[name, "loop"] += bench.time_fn(lambda fn=fn: _repeat(fn, LOOP), reps=1, warmup=0)
+    finally:
+        undo_regional_compile(case.model)
+        uncompile_diffusers(twin)
+    label = (crt.inductor_mode(bench.device) or "default") if args.compile_backend == "inductor" else \
+        args.compile_backend
+    for how, what in (("single", "one forward a sample"), ("loop", f"{LOOP} forwards back to back a sample")):
+        theirs_s = statistics.median(runs["theirs", how]) / (LOOP if how == "loop" else 1)
+        ours_s = statistics.median(runs["ours", how]) / (LOOP if how == "loop" else 1)
+        note = (f"{args.interleave} rounds, {what}; ours / strongest {theirs_s / ours_s:.3f}x "
+                f"[{clocks.brief()}]")
+        tag = "interleaved" if how == "single" else "interleaved, back to back"
+        bench.add(Row(case.name, f"{tag}: diffusers compile_repeated_blocks + {best_name or 'native'}", theirs_s,
+                      rel_err(outs["theirs"], ref), note=note, runs=runs["theirs", how]))
+        bench.add(Row(case.name, f"{tag}: ours compiled {label} (graphs={crt.cuda_graphs})", ours_s,
+                      rel_err(outs["ours"], ref), note=note, runs=runs["ours", how]))
+
+
+def _repeat(fn: Callable[[], object], n: int) -> None:
+    """``fn`` n times, keeping no output (a CUDA-graph replay may reuse an earlier output's memory)."""
+    for _ in range(n):
+        fn()
+
+
+LOOP = 3
+"""Forwards a sample in the back-to-back interleaved rows: as in a denoising loop, where the host queues the next
+forward while the device runs this one (the single-forward rows also time the host's launch of the first kernels)."""
 
 
 def _qkv_flags(model: torch.nn.Module, on: bool) -> None:
@@ -590,46 +661,56 @@ def service_steps(bench: Bench, case: ModelCase, extra: tuple, rt: RuntimeConfig
     bench.facts["service_runtime_facts"] = worker.runtime_facts
     steps = args.service_steps
 
-    async def run() -> tuple[list[float], list[float]]:
+    async def run() -> tuple[dict[int, float], list[float]]:
+        """Wall seconds of a job of ``steps`` and of one of ``2 * steps`` (submit to last event), and the device
+        seconds of each step of the longer one."""
         executor = UniProcExecutor(cfg)
         executor.worker = worker
         executor._healthy = True
         engine = DenoiserEngine(EngineConfig(), executor)
         await engine.start()
-        job = DenoiseJob("bench", params=type(params)(**{**asdict(params), "steps": steps}), conditionings=conds,
-                         start_step=0, end_step=steps)
-        stamps, device_s = [], []
-        async for event in engine.submit(job):
-            if isinstance(event, StepEvent):
-                stamps.append(time.perf_counter())
-                device_s.append(event.seconds)
+        walls, device_s = {}, []
+        for n in (steps, 2 * steps):
+            job = DenoiseJob(f"bench-{n}", params=type(params)(**{**asdict(params), "steps": n}), conditionings=conds,
+                             start_step=0, end_step=n)
+            device_s = []
+            t0 = time.perf_counter()
+            async for event in engine.submit(job):
+                if isinstance(event, StepEvent):
+                    device_s.append(event.seconds)
+            walls[n] = time.perf_counter() - t0
         await engine.stop()
         executor.thread.shutdown()
-        return stamps, device_s
+        return walls, device_s
 
     state = worker.runner.prepare(DenoiseJob("bare", params=params, conditionings=conds, start_step=0, end_step=2))
 
     def bare_forward() -> float:
+        """Seconds a forward, LOOP forwards back to back a sample (as the service's steps run)."""
         with torch.inference_mode():
-            return statistics.median(bench.time_fn(lambda: adapter.forward(pipe, state, state.latents, 1, "cond")))
+            return statistics.median(bench.time_fn(lambda: _repeat(lambda: adapter.forward(
+                pipe, state, state.latents, 1, "cond"), LOOP))) / LOOP
 
     # bare forward before and after the service run (the card's clock drifts by a few % over minutes)
     bare_before = bare_forward()
-    stamps, device_s = asyncio.run(run())
+    walls, device_s = asyncio.run(run())
     bare_after = bare_forward()
     bare = (bare_before + bare_after) / 2
     bench.facts["bare_forward_before_after_s"] = [bare_before, bare_after]
-    wall_per_step = (stamps[-1] - stamps[1]) / (len(stamps) - 2)  # steady state: steps 2..N
+    # the extra steps of the longer job: request set-up, hand-back and the first step's warm-up cancel out
+    wall_per_step = (walls[2 * steps] - walls[steps]) / steps
     ratio = wall_per_step / bare
+    bench.facts["service_job_walls_s"] = {str(k): v for k, v in walls.items()}
     bench.facts["service_wall_per_step_s"] = wall_per_step
     bench.facts["service_device_per_step_s"] = statistics.median(device_s[1:])
     bench.facts["bare_forward_s"] = bare
     bench.facts["service_over_bare"] = ratio
-    print(f"  service: {steps} steps, wall {wall_per_step * 1000:.2f} ms/step (device "
-          f"{statistics.median(device_s[1:]) * 1000:.2f}), bare forward {bare_before * 1000:.2f} / "
-          f"{bare_after * 1000:.2f} ms before/after -> ratio {ratio:.4f}", flush=True)
-    bench.add(Row(case.name, f"service per step ({steps} steps, engine+executor+worker)", wall_per_step,
-                  note=f"bare forward {bare * 1000:.2f} ms; ratio {ratio:.4f}"))
+    print(f"  service: jobs of {steps} and {2 * steps} steps took {walls[steps]:.3f} / {walls[2 * steps]:.3f} s: "
+          f"wall {wall_per_step * 1000:.2f} ms/step (device {statistics.median(device_s[1:]) * 1000:.2f}), bare "
+          f"forward {bare_before * 1000:.2f} / {bare_after * 1000:.2f} ms before/after -> ratio {ratio:.4f}",
+          flush=True)
+    bench.add(Row(case.name, f"service per step (jobs of {steps} and {2 * steps} steps, engine+executor+worker)",
+                  wall_per_step, note=f"bare forward {bare * 1000:.2f} ms ({LOOP} back to back); ratio {ratio:.4f}"))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -680,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
                     "q/k norm + rotation, then without the fused residual + norms), or one of them: unfused-QKV, "
                     "unfused-MLP, unfused-norm+rope, unfused-norms; ablate (ours compiled with every fusion but one, "
                     "for each) or ablate-QKV, ablate-MLP, ablate-norm+rope, ablate-norms")
+    ap.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved pair: diffusers' strongest "
+                    "configuration (on a copy of the model) and ours timed in turns (0: off)")
     ap.add_argument("--wan-reps", type=int, default=5)
     ap.add_argument("--modes", default="default,reduce-overhead,max-autotune-no-cudagraphs",
                     help="inductor modes of ours compiled, in order")

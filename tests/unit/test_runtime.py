@@ -286,13 +286,16 @@ def test_single_gpu_benchmark_tiny_cpu_mode(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     results = tmp_path / "RESULTS.md"
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "single_gpu.py"), "--device", "cpu", "--tiny",
-                           "--compare", "eager,unfused,ablate-QKV,ablate-norms", "--results", str(results),
+                           "--compare", "eager,unfused,ablate-QKV,ablate-norms", "--interleave", "2",
+                           "--results", str(results),
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = results.read_text()
     for row in ("diffusers eager (native SDPA)", "diffusers compile_repeated_blocks", "ours eager sdpa fused",
                 "ours eager sdpa_math fused", "ours compiled aot_eager", "service per step",
                 "unfused QKV", "unfused MLP", "unfused norm+rope", "unfused norms",
-                "without QKV (every other fusion on)", "without norms (every other fusion on)"):
+                "without QKV (every other fusion on)", "without norms (every other fusion on)",
+                "interleaved: diffusers compile_repeated_blocks", "interleaved: ours compiled",
+                "interleaved, back to back: ours compiled"):
         assert row in text, row
     assert text.count("| variant |") == 2  # flux and wan tables
