@@ -102,3 +102,14 @@ def test_compiled_callers_keep_the_kernel_in_their_graph() -> None:
     # 3.9M elements one bf16 step apart, relative error ~1e-4; anything beyond rounding would be far above 1e-3
     assert (got != ref).float().mean() < 1e-3
     assert _rel(got, ref) < 1e-3
+
+
+def test_bf16_tables_read_as_they_are() -> None:
+    """A bf16 model's rotary tables go to the kernel without a float32 copy; the kernel converts each value as it
+    loads it, so the output is bit-identical to the one from the tables' float32 copies."""
+    register_cuda_kernel()
+    q = _qkv_view(32760, 12, 128, seed=5)
+    norm = _rms(12 * 128, torch.nn.RMSNorm, seed=6)
+    cos, sin = (t.to(BF16)[None, :, None] for t in _tables(32760, 128))
+    got = norm_rope(q, norm, (cos, sin))
+    assert torch.equal(got, norm_rope(q, norm, (cos.float(), sin.float())))
