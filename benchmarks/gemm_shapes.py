@@ -12,6 +12,10 @@ goes and which arrangement of the same products is fastest.
 - Wan blocks (32760 rows): fused QKV (N=4608) vs three N=1536 GEMMs, the up-projection with the GELU in cuBLASLt's
   epilogue vs a plain GEMM + a GELU pass, the down projection, the output projections.
 
+Timing: 5 calls back to back a sample after ~10 ms of queued sleep (the host's launch work hidden), median of the
+samples; the idle time before each sample lets the card run near its boost clock, so rates are higher than inside a
+forward, where it sits at its power cap (``gpu_clocks.py``): compare arrangements with each other, not with forwards.
+
     python benchmarks/gemm_shapes.py [--reps 20] [--only flux-double,flux-single,wan] [--blas cublas,cublaslt]
 """
 

@@ -9,8 +9,10 @@ measures the denoiser service's per-step time against the bare forward.
 Every row: median seconds per forward, speed-up vs diffusers eager and vs the strongest diffusers configuration,
 achieved TFLOP/s (linear + attention FLOPs counted on the real shapes), that as a fraction of the measured GEMM
 ceiling, the fraction of the FLOP floor (linear at the GEMM ceiling + attention at the fastest exact kernel's
-measured time), and the relative error vs the reference forward (float32 math attention, eager, unfused).
-Lossy kernels are reported separately with their PSNR vs the exact output.
+measured time), the relative error vs the reference forward (float32 math attention, eager, unfused), and on a GPU
+the SM clock, power and active clock limiters while the row ran (``gpu_clocks``). Lossy kernels are reported
+separately with their PSNR vs the exact output. ``--interleave R`` adds the headline pair timed in turns (diffusers'
+strongest configuration on a copy of the model, and ours), one forward a sample and three back to back.
 """
 
 from __future__ import annotations
@@ -535,7 +537,7 @@ def interleaved(bench: Bench, case: ModelCase, twin: torch.nn.Module, best_name:
                 crt: RuntimeConfig, ref: torch.Tensor, args) -> None:
     """The headline pair measured in turns: diffusers' strongest configuration (on ``twin``) and ours (the fastest
     compiled row), both compiled and resident, timed alternately for ``args.interleave`` rounds (the order flips each
-    round). The rows above run one after the other, minutes apart, and the card's clock drifts as it heats up
+    round). The rows above run one after the other, minutes apart, while the card's power limiter moves its clock
     (``gpu_clocks``): timed in turns both sides see the same clock."""
     set_diffusers_backend(twin, best_name)
     twin.compile_repeated_blocks(fullgraph=False, backend=args.compile_backend)
