@@ -34,11 +34,12 @@ class ClockSampler:
         handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
         reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
             pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        power = self._power_reader(pynvml, handle)
 
         def run() -> None:
             while not self._stop.is_set():
                 self.samples.append((float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
-                                     pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+                                     power(),
                                      float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
                                      int(reasons(handle))))
                 time.sleep(self.period_s)
@@ -46,6 +47,28 @@ class ClockSampler:
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
         return self
+
+    instant_power = False
+    """Whether the power samples are instantaneous; ``nvmlDeviceGetPowerUsage`` averages over ~1 s on Ampere and
+    newer, which blurs a row of ~1 s that follows idle time."""
+
+    def _power_reader(self, pynvml, handle):
+        """Watts now: the instantaneous field where the driver has it, else the ~1 s average."""
+        field = getattr(pynvml, "NVML_FI_DEV_POWER_INSTANT", None)
+        if field is not None:
+            def instant() -> float:
+                value = pynvml.nvmlDeviceGetFieldValues(handle, [field])[0]
+                if value.nvmlReturn != pynvml.NVML_SUCCESS:
+                    raise RuntimeError(f"NVML field {field}: return code {value.nvmlReturn}")
+                return value.value.uiVal / 1000.0
+
+            try:
+                instant()
+                self.instant_power = True
+                return instant
+            except Exception:  # noqa: BLE001 - an older driver or binding: use the averaged reading
+                pass
+        return lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
 
     def __exit__(self, *exc: object) -> None:
         if self._thread is not None:
@@ -65,12 +88,13 @@ class ClockSampler:
         if not self.samples:
             return "no NVML samples"
         mhz, watts, deg = (statistics.median(s[i] for s in self.samples) for i in range(3))
-        return f"{mhz:.0f} MHz {watts:.0f} W {deg:.0f} C {self._reasons()}"
+        return f"{mhz:.0f} MHz {watts:.0f} W{'' if self.instant_power else ' (1 s avg)'} {deg:.0f} C {self._reasons()}"
 
     def summary(self) -> str:
         if not self.samples:
             return "no NVML samples"
         mhz = [s[0] for s in self.samples]
         return (f"SM clock median {statistics.median(mhz):.0f} MHz (min {min(mhz):.0f}), power median "
-                f"{statistics.median(s[1] for s in self.samples):.0f} W, temperature max "
+                f"{statistics.median(s[1] for s in self.samples):.0f} W"
+                f"{'' if self.instant_power else ' (averaged over ~1 s)'}, temperature max "
                 f"{max(s[2] for s in self.samples):.0f} C, {self._reasons()}, {len(self.samples)} samples")
