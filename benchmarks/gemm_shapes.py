@@ -90,7 +90,7 @@ def _flux_pair(t: Timer, dev: torch.device, table: list[str], side: torch.cuda.S
     x = _randn(txt_rows + img_rows, k, seed=5, dev=dev)  # joint rows [text; image]
     x_txt, x_img = x[:txt_rows], x[txt_rows:]
     flop_img, flop_txt = 2.0 * img_rows * k * n, 2.0 * txt_rows * k * n
-    lin = _gelu_linear if gelu else (lambda a, w, b: F.linear(a, w, b))
+    lin = _gelu_linear if gelu else F.linear
     # stacked weights as grouped_mm wants them: [G, K, N] with each group column-major (nn.Linear's layout)
     w_stack = torch.stack([w_txt, w_img]).transpose(1, 2)
     offs = torch.tensor([txt_rows, txt_rows + img_rows], device=dev, dtype=torch.int32)

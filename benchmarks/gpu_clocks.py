@@ -23,6 +23,9 @@ class ClockSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._nvml = None
+        self.instant_power = False
+        """Whether the power samples are instantaneous; ``nvmlDeviceGetPowerUsage`` averages over ~1 s on Ampere and
+        newer, which blurs a row of ~1 s that follows idle time."""
 
     def __enter__(self) -> ClockSampler:
         try:
@@ -47,10 +50,6 @@ class ClockSampler:
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
         return self
-
-    instant_power = False
-    """Whether the power samples are instantaneous; ``nvmlDeviceGetPowerUsage`` averages over ~1 s on Ampere and
-    newer, which blurs a row of ~1 s that follows idle time."""
 
     def _power_reader(self, pynvml, handle):
         """Watts now: the instantaneous field where the driver has it, else the ~1 s average."""

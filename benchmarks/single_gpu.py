@@ -494,11 +494,7 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         torch._dynamo.reset()
         regional_compile(m, crt, bench.device)
         t0 = time.perf_counter()
-        fn = case.our_forward
-        if graphs:
-            def fn():
-                torch.compiler.cudagraph_mark_step_begin()
-                return case.our_forward()
+        fn = graph_steps(case.our_forward) if graphs else case.our_forward
         try:
             with torch.inference_mode():
                 fn()
@@ -544,11 +540,7 @@ def interleaved(bench: Bench, case: ModelCase, twin: torch.nn.Module, best_name:
     theirs = case.forward_on(twin)
     case.install(case.model, ops)
     regional_compile(case.model, crt, bench.device)
-    ours = case.our_forward
-    if crt.cuda_graphs:
-        def ours():
-            torch.compiler.cudagraph_mark_step_begin()
-            return case.our_forward()
+    ours = graph_steps(case.our_forward) if crt.cuda_graphs else case.our_forward
     runs: dict[tuple[str, str], list[float]] = {(side, how): [] for side in ("theirs", "ours")
                                                   for how in ("single", "loop")}
     outs = {}
@@ -577,6 +569,15 @@ def interleaved(bench: Bench, case: ModelCase, twin: torch.nn.Module, best_name:
                       rel_err(outs["theirs"], ref), note=note, runs=runs["theirs", how]))
         bench.add(Row(case.name, f"{tag}: ours compiled {label} (graphs={crt.cuda_graphs})", ours_s,
                       rel_err(outs["ours"], ref), note=note, runs=runs["ours", how]))
+
+
+def graph_steps(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` as one step of CUDA-graph replays (each call marks a new step, so the previous outputs may be reused)."""
+    def step() -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn()
+
+    return step
 
 
 def _repeat(fn: Callable[[], object], n: int) -> None:

@@ -18,7 +18,7 @@ from diffusers.models.normalization import RMSNorm
 from services.attention import LOCAL_SDPA
 from services.families.base import SamplingParams
 from services.families.processors.wan import apply_rotary_emb as wan_rotary
-from services.norm_rope import _table, norm_rope, norm_rope_reference
+from services.norm_rope import _table, norm_rope
 from services.registry import load_adapter
 from services.runtime import fuse_norm_rope, unfuse_norm_rope
 from tests.unit.test_runtime import _denoise
@@ -134,15 +134,10 @@ def test_families_whose_processors_do_not_read_the_mark_are_not_counted(family, 
 
 
 def test_tables_pass_in_their_own_dtype() -> None:
-    """A bf16 model carries bf16 rotary tables: they reach the kernel as they are (no float32 copy per call; the
-    kernel converts as it loads) and give what their float32 copies give."""
-    cos, sin = (t.to(torch.bfloat16)[None, :, None, :] for t in _tables(9, 8))  # Wan's [1, S, 1, D]
+    """A bf16 model carries bf16 rotary tables: they reach the kernel as they are, views without a float32 copy per
+    call (the kernel converts as it loads; the GPU test checks its output is bit-identical)."""
+    cos = _tables(9, 8)[0].to(torch.bfloat16)[None, :, None, :]  # Wan's [1, S, 1, D]
     view = _table(cos, 9, 8)
-    assert view.dtype == torch.bfloat16 and view.data_ptr() == cos.data_ptr()
-    x = torch.randn(1, 9, 2, 8, generator=torch.Generator().manual_seed(3))
-    w = torch.rand(8, generator=torch.Generator().manual_seed(4)) + 0.5
-    as_bf16 = norm_rope_reference(x, w, 1e-6, True, _table(cos, 9, 8), _table(sin, 9, 8))
-    as_f32 = norm_rope_reference(x, w, 1e-6, True, _table(cos, 9, 8).float(), _table(sin, 9, 8).float())
-    assert torch.equal(as_bf16, as_f32)
+    assert view.dtype == torch.bfloat16 and view.data_ptr() == cos.data_ptr() and view.shape == (9, 8)
     with pytest.raises(ValueError, match="float dtype"):
         _table(torch.ones(9, 8, dtype=torch.int32), 9, 8)
