@@ -27,6 +27,7 @@ from services.attention.backends import Backend
 from services.attention.selection import KernelSelection, select_kernels
 from services.errors import FailedPrecondition
 from services.families.base import DenoiseState, SamplingParams, resolve_device, resolve_dtype
+from services.gemm import select_gemms, start_recording
 from services.log import get_logger
 from services.registry import load_adapter
 from services.runtime import (
@@ -187,16 +188,21 @@ class Worker:
         assert self.runner is not None, "load_model first"
         runtime = self.config.runtime
         shapes = {}
+        gemm_recorder = None
         if job is not None:
             recorder = self.recording_ops()
             # under sequence parallelism the recorder sits inside the wrapper: it sees the shapes kernels run at
             ops = recorder.ops()
             self.attention_modules = self.adapter.install_attention(
                 self.runner.model, self.parallel_ops(ops, lse=probing_lse(ops.joint, default_lse_attention)))
+            gemm_recorder = start_recording(self.transformer_of(self.runner.model))
             self.run_job(job, steps=1)
             shapes = dict(recorder.calls)
         self.kernels = select_kernels(runtime, shapes, self.device, needs_lse=self.needs_lse_kernels())
         self.runtime_facts.update(self.kernels.metadata())
+        if gemm_recorder is not None:
+            gemms = select_gemms(runtime.gemm_backend, gemm_recorder, self.device, runtime.gemm_min_gain)
+            self.runtime_facts.update(gemms.metadata())
         self.attention_modules = self.adapter.install_attention(self.runner.model, self.attention_ops())
         if runtime.compile_enabled(self.device):
             counts = regional_compile(self.transformer_of(self.runner.model), runtime, self.device)

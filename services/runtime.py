@@ -29,9 +29,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from services.config import ConfigError
+from services.gemm import GemmBackend, linear_gelu_tanh
 from services.log import get_logger
 
 log = get_logger(__name__)
@@ -73,6 +73,13 @@ class RuntimeConfig:
     """Compiler backend; ``eager``/``aot_eager`` only trace (debugging, CPU tests)."""
     cuda_graphs: bool = False
     """Replay the compiled blocks as CUDA graphs (inductor CUDA-graph trees); needs compilation and static shapes."""
+    gemm_backend: GemmBackend = "auto"
+    """GEMM kernel of the blocks' linear layers (``services.gemm``): ``auto`` times cuBLAS and QuACK's persistent
+    GEMMs (when quack-kernels is installed, on Hopper) on each layer shape of the warm-up step and routes each to the
+    faster; ``cublas`` keeps PyTorch's; ``quack`` routes every candidate layer to QuACK (an error where it cannot
+    run)."""
+    gemm_min_gain: float = 0.01
+    """``gemm_backend: auto``: a QuACK kernel must be this much faster than cuBLAS to be chosen."""
 
     def validate(self) -> None:
         from services.attention.backends import AUTO, BackendError, parse_name
@@ -90,6 +97,10 @@ class RuntimeConfig:
                 raise ConfigError(f"runtime.{name} must be > 0, got {getattr(self, name)}")
         if self.auto_min_gain < 0:
             raise ConfigError(f"runtime.auto_min_gain must be >= 0, got {self.auto_min_gain}")
+        if self.gemm_backend not in ("auto", "cublas", "quack"):
+            raise ConfigError(f"runtime.gemm_backend must be auto, cublas or quack, got {self.gemm_backend!r}")
+        if self.gemm_min_gain < 0:
+            raise ConfigError(f"runtime.gemm_min_gain must be >= 0, got {self.gemm_min_gain}")
         if self.cuda_graphs and self.compile == "off":
             raise ConfigError("runtime.cuda_graphs needs runtime.compile on or auto (graphs wrap the compiled blocks)")
 
@@ -147,16 +158,6 @@ def fuse_projections(model: torch.nn.Module) -> int:
                     lin.bias.data = fused.bias.data[offset:offset + rows]
                 offset += rows
     return n
-
-
-def linear_gelu_tanh(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
-    """``gelu(linear(x), approximate="tanh")``. On CUDA one cuBLASLt GEMM computes it with the bias add and the GELU
-    in the epilogue, on the float32 accumulator (one rounding to the output dtype instead of two); elsewhere the
-    plain ops (the CPU's fused kernel computes the erf GELU, which is not this function)."""
-    if x.is_cuda and linear.bias is not None and x.dtype == linear.weight.dtype:
-        out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
-        return out.view(*x.shape[:-1], out.shape[-1])
-    return F.gelu(F.linear(x, linear.weight, linear.bias), approximate="tanh")
 
 
 def linear_of_concat(linear: torch.nn.Linear, parts: Sequence[torch.Tensor]) -> torch.Tensor:
