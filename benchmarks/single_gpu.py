@@ -42,6 +42,7 @@ from services.attention import AttentionOps  # noqa: E402
 from services.attention.autotune import ShapeRecorder  # noqa: E402
 from services.attention.backends import AttentionSpec, BackendName, get_backend, usable_backends  # noqa: E402
 from services.attention.selection import select_kernels  # noqa: E402
+from services.gemm import clear_routes, route_linear, routes, select_gemms, start_recording  # noqa: E402
 from services.runtime import (  # noqa: E402
     RuntimeConfig,
     fuse_gelu_epilogues,
@@ -467,6 +468,15 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     bench.facts[f"{case.name}_fused_norm_rope_modules"] = fuse_norm_rope(m) if args.fuse else 0
     compiled_without("norms")  # everything above; residual + layer norm + modulation as inductor fuses the ops
     bench.facts[f"{case.name}_fused_norm_blocks"] = fuse_norms(m) if args.fuse else 0
+    if args.fuse:  # GEMM kernels per layer shape (services.gemm), recorded on one eager forward as the worker does
+        case.install(m, ops)
+        recorder = start_recording(m)
+        with torch.inference_mode():
+            case.our_forward()
+        gemms = select_gemms(args.gemm, recorder, bench.device, RuntimeConfig().gemm_min_gain)
+        bench.facts[f"{case.name}_gemms"] = gemms.metadata()
+        for choice in gemms.choices:
+            print(f"  gemm {choice.describe()}", flush=True)
     for what in ABLATIONS:
         mode = "default" if args.compile_backend == "inductor" else args.compile_backend
         compiled_ablated(bench, case, m, ops, what, f"ours compiled {mode} {auto_joint.name.value}", timed, args)
@@ -599,11 +609,23 @@ def _qkv_flags(model: torch.nn.Module, on: bool) -> None:
             module.fused_projections = on
 
 
+def _gemms_to_cublas(model: torch.nn.Module) -> None:
+    """Every layer back on cuBLAS; the QuACK routes kept on the model for ``_gemms_back``."""
+    model._chitu_saved_routes = routes(model)
+    clear_routes(model)
+
+
+def _gemms_back(model: torch.nn.Module) -> None:
+    for linear, choice in vars(model).pop("_chitu_saved_routes", []):
+        route_linear(linear, choice)
+
+
 ABLATIONS = {
     "QKV": (lambda m: _qkv_flags(m, False), lambda m: _qkv_flags(m, True)),
     "MLP": (unfuse_gelu_epilogues, fuse_gelu_epilogues),
     "norm+rope": (unfuse_norm_rope, fuse_norm_rope),
     "norms": (unfuse_norms, fuse_norms),
+    "GEMM": (_gemms_to_cublas, _gemms_back),
 }
 """Each fusion, undone and redone: ``--compare ablate`` times ours compiled with every fusion but one."""
 
@@ -767,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved pair: diffusers' strongest "
                     "configuration (on a copy of the model) and ours timed in turns (0: off)")
     ap.add_argument("--wan-reps", type=int, default=5)
+    ap.add_argument("--gemm", default="auto", choices=("auto", "cublas", "quack"),
+                    help="runtime.gemm_backend for ours (services.gemm)")
     ap.add_argument("--modes", default="default,reduce-overhead,max-autotune-no-cudagraphs",
                     help="inductor modes of ours compiled, in order")
     ap.add_argument("--compile-backend", default="", help="torch.compile backend (default: inductor on CUDA, "
