@@ -105,11 +105,24 @@ def test_compiled_callers_keep_the_kernel_in_their_graph() -> None:
 
 
 def test_bf16_tables_read_as_they_are() -> None:
-    """A bf16 model's rotary tables go to the kernel without a float32 copy; the kernel converts each value as it
-    loads it, so the output is bit-identical to the one from the tables' float32 copies."""
+    """A bf16 model's rotary tables go to the kernel without a float32 copy: one kernel runs, no conversion kernel
+    before it; the kernel converts each value as it loads it, so the output is the float32 tables' output up to the
+    compiler's FMA contraction in the two specialisations (measured on an H200: a few elements one bf16 step
+    apart)."""
+    from torch.profiler import ProfilerActivity, profile
+
     register_cuda_kernel()
     q = _qkv_view(32760, 12, 128, seed=5)
     norm = _rms(12 * 128, torch.nn.RMSNorm, seed=6)
     cos, sin = (t.to(BF16)[None, :, None] for t in _tables(32760, 128))
-    got = norm_rope(q, norm, (cos, sin))
-    assert torch.equal(got, norm_rope(q, norm, (cos.float(), sin.float())))
+    with torch.inference_mode():
+        ref = norm_rope(q, norm, (cos.float(), sin.float()))
+        norm_rope(q, norm, (cos, sin))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            got = norm_rope(q, norm, (cos, sin))
+            torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, kernels
+    assert (got != ref).float().mean() < 1e-3
+    assert _rel(got, ref) < 1e-3
