@@ -76,9 +76,11 @@ def layout_rows(shape: CallShape, reps: int) -> list[tuple[str, float]]:
             ("sdpa_cudnn, q/k [B,H,S,D], v view, + output to rows", _time_ms(qk_heads_major, reps))]
 
 
-def packed_rows(shape: CallShape, reps: int) -> list[tuple[str, float]]:
+def packed_rows(shape: CallShape, reps: int, sustained: float = 0.0, rounds: int = 3) -> list[tuple[str, float]]:
     """The exact kernels with their inputs as the blocks hand them over: q and k fresh tensors (the norm + rotary
-    kernel writes them), v a view of the fused QKV output (token rows strided by 3 x H x D); and all three views."""
+    kernel writes them), v a view of the fused QKV output (token rows strided by 3 x H x D); and all three views.
+    With ``sustained`` seconds, each layout is also run back to back that long, the layouts alternating, ``rounds``
+    times (the median per layout): at the power cap, as inside a forward."""
     from services.attention.backends import AttentionSpec, BackendName, usable_backends
 
     q, k, v = _bshd_inputs(shape)
@@ -92,9 +94,18 @@ def packed_rows(shape: CallShape, reps: int) -> list[tuple[str, float]]:
             continue
         cases = {"q, k, v contiguous": (q, k, v), "v a packed view": (q, k, vv)}
         cases["q, k, v packed views" if qv else "k, v packed views"] = (qv[0] if qv else q, kv, vv)
-        for label, (a, bb, c) in cases.items():
-            rows.append((f"{backend.name.value}, {label}",
-                         _time_ms(lambda a=a, bb=bb, c=c, fn=backend.fn: fn(a, bb, c, None), reps)))
+        calls = {label: (lambda a=a, bb=bb, c=c, fn=backend.fn: fn(a, bb, c, None))
+                 for label, (a, bb, c) in cases.items()}
+        for label, call in calls.items():
+            rows.append((f"{backend.name.value}, {label}", _time_ms(call, reps)))
+        if sustained:
+            runs: dict[str, list[float]] = {label: [] for label in calls}
+            for r in range(rounds):
+                for label in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                    runs[label].append(_sustained_ms(calls[label], sustained)[0])
+            for label, ms in runs.items():
+                rows.append((f"{backend.name.value}, {label}, sustained {sustained:g} s x {rounds} rounds "
+                             f"({', '.join(f'{x:.3f}' for x in ms)})", statistics.median(ms)))
     return rows
 
 
@@ -213,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m.rel_err:.2e} | {m.status} |", flush=True)
         extra = layout_rows(shape, args.reps) if args.layouts else []
         if args.packed:
-            extra += packed_rows(shape, args.reps)
-        if args.sustained and not args.fa4_tiles:
+            extra += packed_rows(shape, args.reps, args.sustained)
+        if args.sustained and not args.fa4_tiles and not args.packed:
             extra += sustained_rows(shape, args.sustained)
         if args.fa4_tiles and shape.kind == "joint":
             extra += fa4_tile_rows(shape, args.reps, args.sustained)

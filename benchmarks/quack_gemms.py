@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--tuned", action="store_true", help="also QuACK's own autotuner (slow: ~44 compiles a kind)")
+    ap.add_argument("--sustained", type=float, default=0.0, help="only the sustained rows: cuBLAS vs QuACK's "
+                    "chosen configuration back to back for this many seconds each, in 3 rounds (the power cap)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -180,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
         quack_rows(case + " (one GEMM, residual in its epilogue)", flop, ref, fused)
 
+    if args.sustained:
+        return sustained_rows(args.sustained, dev, act_call, gated_residual, configs)
     for spec in (("flux double ff up + gelu", 4096, 3072, 12288, True),
                  ("flux single mlp + gelu", 4608, 3072, 12288, True),
                  ("wan ff up + gelu", 32760, 1536, 8960, True),
@@ -193,6 +197,57 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.empty_cache()
     wan_down_residual()
     return 0
+
+def sustained_rows(seconds: float, dev: torch.device, act_call, gated_residual, configs, rounds: int = 3) -> int:
+    """cuBLAS and QuACK (the configuration ``services.gemm`` chose at these shapes) each run back to back for
+    ``seconds``, alternating, ``rounds`` times: at the card's power cap (as inside a forward) rather than covered."""
+    from benchmarks.attention_kernels import _sustained_ms
+
+    res = torch.compile(lambda h, y, g: (h.float() + y.float() * g).to(BF16))
+    def pair(m: int, k: int, n: int, epi: str | None, cfg: str):
+        """(cuBLAS as our blocks ran it before, QuACK with ``cfg``) for one shape."""
+        x = _randn(m, k, seed=5, dev=dev)
+        w, b = _linear(n, k, 7, dev)
+        h = _randn(m, n, seed=31, dev=dev)
+        gate = torch.randn(1, n, device=dev) * 0.1
+        quack = act_call(x, w, b, epi)
+
+        def theirs():
+            if epi == "res":
+                return res(h, F.linear(x, w, b), gate)
+            return _gelu_linear(x, w, b) if epi else F.linear(x, w, b)
+
+        def ours():
+            if epi == "res":
+                return gated_residual(x, w.t(), h, bias=b.view(1, -1), gate=gate, config=configs[cfg], tuned=False)
+            return quack(configs[cfg])
+
+        theirs(), ours()
+        return theirs, ours
+
+    cases = []
+    for name, m, k, n, epi, cfg in (("wan ff up + gelu", 32760, 1536, 8960, "gelu", "pp128x192c21"),
+                                    ("flux double ff up + gelu", 4096, 3072, 12288, "gelu", "pp128x192c21"),
+                                    ("wan qkv", 32760, 1536, 4608, None, "pp128x192c21"),
+                                    ("wan ff down + gated residual", 32760, 8960, 1536, "res", "coop256x192c21")):
+        theirs, ours = pair(m, k, n, epi, cfg)
+        cases.append((f"{name} [{m}, {k}] x [{k}, {n}]", 2.0 * m * k * n, theirs, ours, cfg))
+    print("| GEMM | kernel | sustained ms / call (median of rounds) | TFLOP/s | clocks |\n|---|---|---|---|---|")
+    for case, flop, theirs, ours, cfg in cases:
+        times: dict[str, list[float]] = {"cuBLAS": [], f"quack {cfg}": []}
+        clocks = {}
+        for r in range(rounds):
+            order = list(zip(times, (theirs, ours), strict=True))
+            for label, fn in (order if r % 2 == 0 else order[::-1]):
+                ms, sampler = _sustained_ms(fn, seconds)
+                times[label].append(ms)
+                clocks[label] = sampler.brief()
+        for label, ms in times.items():
+            med = sorted(ms)[len(ms) // 2]
+            print(f"| {case} | {label} | {med:.3f} ({', '.join(f'{v:.3f}' for v in ms)}) | {flop / med / 1e9:.0f} | "
+                  f"{clocks[label]} |", flush=True)
+    return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
