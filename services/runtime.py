@@ -7,9 +7,10 @@
   that still calls them computes the same thing.
 - ``fuse_gelu_epilogues``: the tanh-GELU MLPs (diffusers' ``GELU(approximate="tanh")`` projections of Flux, Wan and
   Qwen-Image feed-forwards, and Flux's single-stream ``proj_mlp``) run as one GEMM with the bias and the GELU in
-  cuBLASLt's epilogue on CUDA, instead of a GEMM followed by an elementwise kernel that reads and writes the whole
-  (4x wide) hidden activation again; Flux's single-stream ``proj_out`` is applied to the attention and MLP parts
-  without concatenating them first. The CPU keeps the plain ops (its fused kernel computes the erf GELU, not tanh).
+  its epilogue on CUDA (cuBLASLt's, or QuACK's where ``services.gemm`` routed the layer), instead of a GEMM
+  followed by an elementwise kernel that reads and writes the whole (4x wide) hidden activation again; Flux's
+  single-stream ``proj_out`` is applied to the attention and MLP parts without concatenating them first. The CPU
+  keeps the plain ops (its fused kernel computes the erf GELU, not tanh).
 - ``fuse_norm_rope``: marks the attention modules whose query/key RMS norm and rotary embedding
   ``services.norm_rope`` computes in one Triton kernel (Flux.1, FLUX.2 and Wan processors; CUDA).
 - ``fuse_norms``: marks the blocks (Flux.1 double- and single-stream, Wan) whose residual adds, layer norms and AdaLN
