@@ -45,7 +45,7 @@ QUACK_CONFIGS: dict[str, tuple[int, int, bool, int, int]] = {
     "quack_coop256x192": (256, 192, False, 2, 1),
 }
 MIN_ROWS = 256
-"""Layers that run on fewer rows (modulation projections of one timestep embedding) stay on cuBLAS untimed."""
+"""``auto``: layers that run on fewer rows stay on cuBLAS untimed (``quack`` routes them too)."""
 MAX_REL_DIFF = 1e-2
 """Largest relative difference from cuBLAS's output a QuACK kernel may show (measured: 6e-6 to 6e-4)."""
 TIMED_CALLS = 10
@@ -299,7 +299,8 @@ def _time_us(fn: Callable[[], object], device: torch.device) -> float:
 
 def select_gemms(backend: str, recorder: GemmRecorder, device: torch.device, min_gain: float) -> GemmSelection:
     """Route each recorded layer shape to the fastest kernel on ``device`` (``auto``), to QuACK's fastest
-    configuration (``quack``; an error when QuACK cannot run here) or to cuBLAS (``cublas``); returns the report."""
+    configuration (``quack``, at any row count; an error when QuACK cannot run here; a shape no configuration runs
+    stays on cuBLAS, noted) or to cuBLAS (``cublas``); returns the report."""
     from services.config import ConfigError
 
     layers = recorder.layers
@@ -310,7 +311,7 @@ def select_gemms(backend: str, recorder: GemmRecorder, device: torch.device, min
         raise ConfigError(f"runtime.gemm_backend=quack: {reason}; use auto or cublas")
     choices: list[GemmChoice] = []
     for shape, mods in sorted(layers.items(), key=lambda kv: (kv[0].epilogue, kv[0].m, kv[0].k, kv[0].n)):
-        if reason is not None or shape.m < MIN_ROWS:
+        if reason is not None or (shape.m < MIN_ROWS and backend != "quack"):
             note = {"why": "fewer rows than MIN_ROWS"} if reason is None else {}
             choices.append(GemmChoice(shape, len(mods), CUBLAS, {}, note))
             continue

@@ -135,11 +135,18 @@ def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux) -> None:
     def run(runtime: RuntimeConfig) -> tuple[torch.Tensor, dict]:
         return run_worker(tiny_flux, runtime)
 
+    from services.gemm import quack_unavailable_reason
+
     eager, _ = run(RuntimeConfig(attention_backend="sdpa", fuse_qkv=False, fuse_mlp=False, fuse_norm_rope=False,
                                  fuse_norms=False, compile="off"))
-    for rt in (RuntimeConfig(), RuntimeConfig(cuda_graphs=True)):
+    runtimes = [RuntimeConfig(), RuntimeConfig(cuda_graphs=True)]
+    if quack_unavailable_reason(DEV) is None:  # every block layer on QuACK's GEMMs, compiled, in CUDA graphs
+        runtimes.append(RuntimeConfig(cuda_graphs=True, gemm_backend="quack"))
+    for rt in runtimes:
         ours, facts = run(rt)
         assert facts["compiled_blocks"] and facts["attention_source"] == "auto"
+        if rt.gemm_backend == "quack":
+            assert int(facts["gemm_quack_layers"]) > 0, facts["gemm_choices"]
         assert int(facts["fused_mlp_modules"]) > 0 and int(facts["fused_norm_rope_modules"]) > 0
         assert int(facts["fused_norm_blocks"]) > 0
         err = float((ours - eager).norm() / eager.norm())

@@ -53,8 +53,9 @@ def test_group_on_gpus_equals_one_gpu(checkpoints_dir: Path, tmp_path: Path, dty
 @pytest.mark.skipif(GPUS < 2, reason="needs at least 2 CUDA devices")
 def test_compiled_group_with_cuda_graphs_on_gpus(checkpoints_dir: Path, tmp_path: Path) -> None:
     """Ulysses traced into the compiled blocks on NCCL, replayed as CUDA graphs (the all-to-alls inside the graphs),
-    with and without head chunks, and the untraced variant: each equals the single-GPU eager worker (bf16, 3e-2) and
-    the traced ones compile to one graph per block (no graph break)."""
+    with and without head chunks, with the block layers on QuACK's GEMMs (where QuACK runs), and the untraced
+    variant: each equals the single-GPU eager worker (bf16, 3e-2) and the traced ones compile to one graph per block
+    (no graph break)."""
     from services.assets import widen_heads
     from services.registry import load_adapter
     from tests.distributed.cases import Case, make_job
@@ -65,6 +66,10 @@ def test_compiled_group_with_cuda_graphs_on_gpus(checkpoints_dir: Path, tmp_path
     layouts = {"traced": (flux, {"ulysses_degree": 2}, compiled),
                "traced-chunks2": (flux4, {"ulysses_degree": 2, "ulysses_chunks": 2}, compiled),
                "untraced": (flux, {"ulysses_degree": 2}, [*compiled, "parallel.trace_collectives=false"])}
+    from services.gemm import quack_unavailable_reason
+
+    if quack_unavailable_reason(torch.device("cuda")) is None:  # the block layers on QuACK's GEMMs inside the graphs
+        layouts["traced-quack"] = (flux, {"ulysses_degree": 2}, [*compiled, "runtime.gemm_backend=quack"])
     cases = [Case(name, "flux", ckpt, "transformer", layout, [make_job(load_adapter(ckpt), name)], overrides)
              for name, (ckpt, layout, overrides) in layouts.items()]
     out = run_pool(cases, 2, tmp_path / "pool", device="cuda", dtype="bfloat16")
