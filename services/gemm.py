@@ -162,8 +162,9 @@ def _routed(x: torch.Tensor, linear: torch.nn.Linear, epilogue: Epilogue, residu
     if isinstance(choice, GemmRecorder):
         choice.record(linear, x, epilogue)
         return None
-    if choice is None or not x.is_cuda:
-        return None
+    if choice is None or not x.is_cuda or x.dtype != linear.weight.dtype or (
+            residual is not None and residual.dtype != x.dtype):
+        return None  # QuACK runs one 16-bit dtype end to end; anything else stays on cuBLAS
     flat = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(flat.shape[0], -1)
     out = torch.ops.chitu.quack_gemm(flat, linear.weight, linear.bias, res, gate, epilogue, choice)

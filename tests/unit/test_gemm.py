@@ -92,3 +92,14 @@ def test_recorder_notes_each_layer_once_per_shape() -> None:
     linear_gelu_tanh(torch.randn(1, 300, 16), lin)
     assert {(s.m, s.k, s.n, s.epilogue): len(v) for s, v in recorder.layers.items()} == {
         (300, 16, 8, "bias"): 1, (300, 16, 8, "bias_gelu"): 1}
+
+
+def test_removing_our_forwards_drops_the_gemm_routes() -> None:
+    """diffusers' own forward on a model we routed runs every layer on cuBLAS (the benchmarks' baselines)."""
+    from services.families.processors import remove_block_forwards
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 8))
+    route_linear(model[0], "quack_pp128x192")
+    assert routes(model) == [(model[0], "quack_pp128x192")]
+    assert remove_block_forwards(model) == 1
+    assert not routes(model) and "forward" not in vars(model[0])
