@@ -54,24 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
-    import quack.activation as qact  # a module: QuACK's epilogue fingerprint keys it by name
-    from quack.epilogue.frontend import gemm_epilogue
     from quack.gemm_config import GemmConfig
     from quack.gemm_interface import gemm_add_inplace
 
-    # epilogues written as QuACK mods (its own gemm_act fails to fingerprint the activation under CuTe DSL 4.8.1:
-    # "epilogue fn depends on <ContextVar _LOC_TRANSFORMS>")
-    @gemm_epilogue()
-    def bias_gelu(acc, bias):
-        return {"D": qact.gelu_tanh_approx(acc + bias)}
+    from services.gemm import quack_epilogues
 
-    @gemm_epilogue()
-    def bias_only(acc, bias):
-        return {"D": acc + bias}
-
-    @gemm_epilogue()
-    def gated_residual(acc, c, bias, gate):
-        return {"D": c + (acc + bias) * gate}
+    # the epilogues services.gemm runs (QuACK's own gemm_act fails to fingerprint the activation under CuTe DSL
+    # 4.8.1: "epilogue fn depends on <ContextVar _LOC_TRANSFORMS>")
+    mods = quack_epilogues()
+    bias_gelu, bias_only, gated_residual = mods["bias_gelu"], mods["bias"], mods["gated_residual"]
 
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)} · torch {torch.__version__}", flush=True)

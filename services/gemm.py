@@ -89,14 +89,14 @@ def quack_unavailable_reason(device: torch.device) -> str | None:
     if (major, minor) != (9, 0):
         return f"QuACK GEMMs are used on Hopper (sm_90) only; this device is sm_{major}{minor}"
     try:
-        _quack_mods()
+        quack_epilogues()
     except Exception as exc:  # noqa: BLE001 - ImportError, or a CuTe DSL that does not load: report, stay on cuBLAS
         return f"quack-kernels is not usable here ({type(exc).__name__}: {str(exc)[:120]})"
     return None
 
 
 @functools.cache
-def _quack_mods() -> dict[str, Any]:
+def quack_epilogues() -> dict[str, Any]:
     """QuACK epilogue modules (built once; QuACK caches their compiled kernels per tile configuration)."""
     import quack.activation as qact  # a module: QuACK's epilogue fingerprint keys it by name
     from quack.epilogue.frontend import gemm_epilogue
@@ -132,7 +132,7 @@ def _quack_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resid
     operands: dict[str, torch.Tensor] = {"bias": bias.view(1, -1)}
     if epilogue == "gated_residual":
         operands["gate"] = gate.reshape(1, -1)
-    out = _quack_mods()[epilogue](x, weight.t(), residual, config=_quack_config(config), tuned=False, **operands)
+    out = quack_epilogues()[epilogue](x, weight.t(), residual, config=_quack_config(config), tuned=False, **operands)
     return out["D"]
 
 
