@@ -11,8 +11,8 @@ How the layers are routed: a candidate ``nn.Linear`` (inside a repeated block, w
 multiples of 8) carries ``chitu_gemm``: absent means cuBLAS; a ``GemmRecorder`` while the recording warm-up step runs
 (it notes the shape the layer runs at and computes with cuBLAS); a QuACK tile configuration name once
 ``select_gemms`` chose one. Three entry points read it: the Linear's forward (``route_linear`` installs it), the
-families' GELU MLPs (``linear_gelu_tanh``), and Wan's FFN output with its gated residual
-(``linear_gated_residual``). The QuACK call is an opaque custom op (``chitu::quack_gemm``), so compiled blocks and
+families' GELU MLPs (``linear_gelu_tanh``), and a feed-forward's output projection with the gated residual after it
+(``linear_gated_residual``, via ``feed_forward_residual``: Wan's FFN, Flux's double-stream FFNs). The QuACK call is an opaque custom op (``chitu::quack_gemm``), so compiled blocks and
 CUDA graphs treat it as one kernel.
 
 Numerics: both accumulate in float32 and round once; QuACK's GELU and residual run on the float32 accumulator (the
@@ -188,6 +188,20 @@ def linear_gated_residual(x: torch.Tensor, linear: torch.nn.Linear, residual: to
         if out is not None:
             return out
     return (residual.float() + F.linear(x, linear.weight, linear.bias).float() * gate).type_as(residual)
+
+
+def feed_forward_residual(ff: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor,
+                          gate: torch.Tensor) -> torch.Tensor:
+    """``residual + gate * ff(x)`` in float32, rounded to the residual's dtype, for diffusers' ``FeedForward``
+    (``net``: activation projection, dropout(s), output Linear): the output Linear and the residual through
+    ``linear_gated_residual`` (one QuACK GEMM where routed). Other modules: their forward, then the residual."""
+    net = getattr(ff, "net", None)
+    if net is None or not isinstance(net[-1], torch.nn.Linear):
+        return (residual.float() + ff(x).float() * gate).type_as(residual)
+    hidden = x
+    for module in net[:-1]:
+        hidden = module(hidden)
+    return linear_gated_residual(hidden, net[-1], residual, gate)
 
 
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -103,3 +103,25 @@ def test_removing_our_forwards_drops_the_gemm_routes() -> None:
     assert routes(model) == [(model[0], "quack_pp128x192")]
     assert remove_block_forwards(model) == 1
     assert not routes(model) and "forward" not in vars(model[0])
+
+
+def test_feed_forward_residual_is_the_residual_of_the_module() -> None:
+    """diffusers' FeedForward (GELU projection, dropout, Linear) and any other module: ``residual + gate * ff(x)``
+    in float32, rounded once, whether or not the output Linear is routed."""
+    from diffusers.models.attention import FeedForward
+
+    from services.gemm import feed_forward_residual
+
+    torch.manual_seed(1)
+    x, res, gate = torch.randn(1, 9, 16), torch.randn(1, 9, 16), torch.randn(1, 1, 16)
+    for ff in (FeedForward(16, dim_out=16, mult=2, activation_fn="gelu-approximate").eval(),
+               torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.SiLU())):
+        expected = (res.float() + ff(x).float() * gate).type_as(res)
+        for route in (None, GemmRecorder()):
+            if hasattr(ff, "net"):
+                route_linear(ff.net[-1], route)
+            assert torch.equal(feed_forward_residual(ff, x, res, gate), expected)
+        if hasattr(ff, "net"):
+            shapes = {(s.m, s.k, s.n, s.epilogue) for s in route.layers}
+            assert shapes == {(9, 32, 16, "gated_residual")}, shapes  # recorded as the fused shape, once
+            route_linear(ff.net[-1], None)

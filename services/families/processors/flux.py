@@ -33,6 +33,7 @@ from diffusers.models.transformers.transformer_flux import (
 
 from services.ada_norm import add_norm_modulate, norm_modulate
 from services.attention import AttentionOps
+from services.gemm import feed_forward_residual
 from services.norm_rope import norm_rope
 from services.runtime import linear_gelu_tanh, linear_of_concat
 
@@ -144,7 +145,9 @@ def double_block_forward(self: FluxTransformerBlock, hidden_states: torch.Tensor
                          temb: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
                          joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``FluxTransformerBlock.forward`` (diffusers 0.42); marked ``chitu_fused_norms``, each stream's AdaLN norm +
-    modulation and its gated attention residual + norm2 + modulation run as ``services.ada_norm`` kernels."""
+    modulation and its gated attention residual + norm2 + modulation run as ``services.ada_norm`` kernels; each
+    stream's FFN output projection and gated residual go through ``services.gemm.feed_forward_residual`` (float32,
+    rounded once, as inductor computes the fused pointwise op; one QuACK GEMM where the layer is routed there)."""
     if not getattr(self, "chitu_fused_norms", False):
         return FluxTransformerBlock.forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                             joint_attention_kwargs)
@@ -159,13 +162,14 @@ def double_block_forward(self: FluxTransformerBlock, hidden_states: torch.Tensor
 
     hidden_states, norm_hidden_states = add_norm_modulate(hidden_states, attn_output, gate_msa, self.norm2,
                                                           scale_mlp, shift_mlp)
-    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(norm_hidden_states)
+    hidden_states = feed_forward_residual(self.ff, norm_hidden_states, hidden_states, gate_mlp.unsqueeze(1))
     if len(attention_outputs) == 3:  # IP-adapter output
         hidden_states = hidden_states + attention_outputs[2]
 
     encoder_hidden_states, norm_encoder_hidden_states = add_norm_modulate(
         encoder_hidden_states, context_attn_output, c_gate_msa, self.norm2_context, c_scale_mlp, c_shift_mlp)
-    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(norm_encoder_hidden_states)
+    encoder_hidden_states = feed_forward_residual(self.ff_context, norm_encoder_hidden_states, encoder_hidden_states,
+                                                  c_gate_mlp.unsqueeze(1))
     if encoder_hidden_states.dtype == torch.float16:
         encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
     return encoder_hidden_states, hidden_states

@@ -31,7 +31,7 @@ from diffusers.models.transformers.transformer_wan import (
 
 from services.ada_norm import add_norm_modulate, norm_modulate
 from services.attention import AttentionOps
-from services.gemm import linear_gated_residual
+from services.gemm import feed_forward_residual
 from services.norm_rope import norm_rope
 
 TEXT_CONTEXT_LENGTH = 512
@@ -101,7 +101,7 @@ def block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encode
     """``WanTransformerBlock.forward`` (diffusers 0.42); marked ``chitu_fused_norms``, the residual adds, layer norms
     and modulations run as ``services.ada_norm`` kernels: (norm1 + modulation), (gated residual + norm2), (residual +
     norm3 + modulation); the FFN's output projection and its gated residual go through
-    ``services.gemm.linear_gated_residual`` (one GEMM with the residual in its epilogue when the layer is routed to
+    ``services.gemm.feed_forward_residual`` (one GEMM with the residual in its epilogue when the layer is routed to
     QuACK, else the GEMM and a pointwise op inductor fuses)."""
     if not getattr(self, "chitu_fused_norms", False):
         return WanTransformerBlock.forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
@@ -121,14 +121,7 @@ def block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encode
     attn_output = self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
     hidden_states, norm_hidden_states = add_norm_modulate(hidden_states, attn_output, None, self.norm3,
                                                           c_scale_msa, c_shift_msa)
-    out_proj = self.ffn.net[-1]
-    if isinstance(out_proj, torch.nn.Linear):  # diffusers' FeedForward: GELU projection, dropout(s), Linear
-        hidden = norm_hidden_states
-        for module in self.ffn.net[:-1]:
-            hidden = module(hidden)
-        return linear_gated_residual(hidden, out_proj, hidden_states, c_gate_msa)
-    ff_output = self.ffn(norm_hidden_states)
-    return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+    return feed_forward_residual(self.ffn, norm_hidden_states, hidden_states, c_gate_msa)
 
 
 block_forward.chitu_block_forward = True  # type: ignore[attr-defined]  # removed by remove_block_forwards
