@@ -10,9 +10,10 @@ FlashAttention-4 and is optional: without it, or off Hopper, every layer stays o
 How the layers are routed: a candidate ``nn.Linear`` (inside a repeated block, with a bias, 16-bit weights, K and N
 multiples of 8) carries ``chitu_gemm``: absent means cuBLAS; a ``GemmRecorder`` while the recording warm-up step runs
 (it notes the shape the layer runs at and computes with cuBLAS); a QuACK tile configuration name once
-``select_gemms`` chose one. Three entry points read it: the Linear's forward (``route_linear`` installs it), the
-families' GELU MLPs (``linear_gelu_tanh``), and a feed-forward's output projection with the gated residual after it
-(``linear_gated_residual``, via ``feed_forward_residual``: Wan's FFN, Flux's double-stream FFNs). The QuACK call is an opaque custom op (``chitu::quack_gemm``), so compiled blocks and
+``select_gemms`` chose one. Four entry points read it: the Linear's forward (``route_linear`` installs it), the
+families' GELU MLPs (``linear_gelu_tanh``), a feed-forward's output projection with the gated residual after it
+(``linear_gated_residual``, via ``feed_forward_residual``: Wan's FFN, Flux's double-stream FFNs), and Flux's
+single-stream output projection over [attention; MLP] with its gated residual (``linear_of_concat_gated_residual``). The QuACK call is an opaque custom op (``chitu::quack_gemm``), so compiled blocks and
 CUDA graphs treat it as one kernel.
 
 Numerics: both accumulate in float32 and round once; QuACK's GELU and residual run on the float32 accumulator (the
@@ -37,7 +38,7 @@ from services.log import get_logger
 log = get_logger(__name__)
 
 GemmBackend = Literal["auto", "cublas", "quack"]
-Epilogue = Literal["bias", "bias_gelu", "gated_residual"]
+Epilogue = Literal["bias", "bias_gelu", "gated_residual", "split_gated_residual"]
 CUBLAS = "cublas"
 QUACK_CONFIGS: dict[str, tuple[int, int, bool, int, int]] = {
     # name: (tile_m, tile_n, ping-pong, cluster_m, cluster_n); the two that won at the Flux / Wan shapes on an H200
@@ -74,7 +75,10 @@ class GemmRecorder:
         """Every layer routed to this recorder (``select_gemms`` takes them all off it, run or not)."""
 
     def record(self, linear: torch.nn.Linear, x: torch.Tensor, epilogue: Epilogue) -> None:
-        shape = GemmShape(x.numel() // x.shape[-1], linear.in_features, linear.out_features, epilogue, x.dtype)
+        self.record_shape(linear, GemmShape(x.numel() // x.shape[-1], x.shape[-1], linear.out_features, epilogue,
+                                            x.dtype))
+
+    def record_shape(self, linear: torch.nn.Linear, shape: GemmShape) -> None:
         layers = self.layers.setdefault(shape, [])
         if not any(layer is linear for layer in layers):
             layers.append(linear)
@@ -113,7 +117,12 @@ def quack_epilogues() -> dict[str, Any]:
     def gated_residual(acc, c, bias, gate):
         return {"D": c + (acc + bias) * gate}
 
-    return {"bias": bias, "bias_gelu": bias_gelu, "gated_residual": gated_residual}
+    @gemm_epilogue()
+    def split_gated_residual(acc, c, prev, gate):  # prev: the first part's projection (bias included)
+        return {"D": c + (acc + prev) * gate}
+
+    return {"bias": bias, "bias_gelu": bias_gelu, "gated_residual": gated_residual,
+            "split_gated_residual": split_gated_residual}
 
 
 @functools.cache
@@ -126,22 +135,27 @@ def _quack_config(name: str) -> Any:
 
 
 @torch.library.custom_op("chitu::quack_gemm", mutates_args=())
-def _quack_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
-                gate: torch.Tensor | None, epilogue: str, config: str) -> torch.Tensor:
-    """``epilogue(x @ weight.T + bias)`` by QuACK with the named tile configuration; x is [M, K], weight [N, K]."""
-    operands: dict[str, torch.Tensor] = {"bias": bias.view(1, -1)}
-    if epilogue == "gated_residual":
+def _quack_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                gate: torch.Tensor | None, prev: torch.Tensor | None, epilogue: str, config: str) -> torch.Tensor:
+    """``epilogue(x @ weight.T, ...)`` by QuACK with the named tile configuration; x is [M, K], weight [N, K] (a
+    column slice of a wider weight is fine), residual and prev [M, N], bias and gate [N]."""
+    operands: dict[str, torch.Tensor] = {}
+    if bias is not None:
+        operands["bias"] = bias.view(1, -1)
+    if gate is not None:
         operands["gate"] = gate.reshape(1, -1)
+    if prev is not None:
+        operands["prev"] = prev.view(1, *prev.shape)  # a full tile operand: (l, m, n)
     out = quack_epilogues()[epilogue](x, weight.t(), residual, config=_quack_config(config), tuned=False, **operands)
     return out["D"]
 
 
 @_quack_gemm.register_fake
-def _(x, weight, bias, residual, gate, epilogue, config):
+def _(x, weight, bias, residual, gate, prev, epilogue, config):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-# -- the three entry points ----------------------------------------------------------------------------------------
+# -- the entry points ----------------------------------------------------------------------------------------
 def _choice(linear: torch.nn.Linear) -> str | GemmRecorder | None:
     return getattr(linear, "chitu_gemm", None)
 
@@ -167,7 +181,7 @@ def _routed(x: torch.Tensor, linear: torch.nn.Linear, epilogue: Epilogue, residu
         return None  # QuACK runs one 16-bit dtype end to end; anything else stays on cuBLAS
     flat = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(flat.shape[0], -1)
-    out = torch.ops.chitu.quack_gemm(flat, linear.weight, linear.bias, res, gate, epilogue, choice)
+    out = torch.ops.chitu.quack_gemm(flat, linear.weight, linear.bias, res, gate, None, epilogue, choice)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -188,6 +202,37 @@ def linear_gated_residual(x: torch.Tensor, linear: torch.nn.Linear, residual: to
         if out is not None:
             return out
     return (residual.float() + F.linear(x, linear.weight, linear.bias).float() * gate).type_as(residual)
+
+
+def linear_of_concat_gated_residual(linear: torch.nn.Linear, parts: tuple[torch.Tensor, torch.Tensor],
+                                    residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``residual + gate * linear(cat(parts, -1))`` in float32, rounded to the residual's dtype (Flux's single-stream
+    output projection over [attention; MLP] and its gated residual). On cuBLAS: ``runtime.linear_of_concat`` and the
+    residual as a pointwise op. Routed to QuACK (batch 1): the first part's GEMM on cuBLAS, the second (the MLP's,
+    K=12288) by QuACK with the first's output, the gate and the residual in its epilogue: no pass of its own over the
+    projection and the residual stream."""
+    from services.runtime import linear_of_concat
+
+    first, last = parts
+    choice = _choice(linear)
+    if gate.numel() == linear.out_features and first.shape[-1] + last.shape[-1] == linear.in_features:
+        m, k1 = first.numel() // first.shape[-1], first.shape[-1]
+        if isinstance(choice, GemmRecorder):
+            choice.record_shape(linear, GemmShape(m, last.shape[-1], linear.out_features, "split_gated_residual",
+                                                  last.dtype))
+        elif (isinstance(choice, str) and last.is_cuda and last.dtype == first.dtype == residual.dtype
+              == linear.weight.dtype and linear.bias is not None):
+            return _split_quack(linear, first.reshape(m, k1), last.reshape(m, -1), residual.reshape(m, -1),
+                                gate.float(), choice).view(residual.shape)
+    return (residual.float() + linear_of_concat(linear, parts).float() * gate).type_as(residual)
+
+
+def _split_quack(linear: torch.nn.Linear, first: torch.Tensor, last: torch.Tensor, residual: torch.Tensor,
+                 gate: torch.Tensor, config: str) -> torch.Tensor:
+    k1 = first.shape[-1]
+    prev = torch.addmm(linear.bias, first, linear.weight[:, :k1].t())
+    return torch.ops.chitu.quack_gemm(last, linear.weight[:, k1:], None, residual, gate, prev,
+                                      "split_gated_residual", config)
 
 
 def feed_forward_residual(ff: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor,
@@ -346,34 +391,63 @@ def _residual_pass(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor
     return torch.compile(_gated_residual, dynamic=False) if device.type == "cuda" else _gated_residual
 
 
+def _contenders(shape: GemmShape, linear: torch.nn.Linear, device: torch.device
+                ) -> tuple[Callable[[], torch.Tensor], Callable[[str], torch.Tensor]]:
+    """(cuBLAS as the compiled blocks run the layer, QuACK with a named configuration) on random inputs of ``shape``
+    and the layer's own weights."""
+    from services.runtime import linear_of_concat
+
+    x, residual, gate = _inputs(shape, device)
+    epi = shape.epilogue
+    if epi == "split_gated_residual":  # x is the MLP part; the attention part comes first in the weight's columns
+        k1 = linear.in_features - shape.k
+        first = torch.randn(shape.m, k1, generator=torch.Generator(device).manual_seed(1), device=device
+                            ).to(shape.dtype)
+        residual_pass = _residual_pass(device)
+
+        def cublas() -> torch.Tensor:
+            return residual_pass(residual, linear_of_concat(linear, (first, x)), gate)
+
+        def quack(name: str) -> torch.Tensor:
+            return _split_quack(linear, first, x, residual, gate, name)
+
+        return cublas, quack
+    if epi == "gated_residual":
+        residual_pass = _residual_pass(device)
+
+        def cublas() -> torch.Tensor:
+            return residual_pass(residual, F.linear(x, linear.weight, linear.bias), gate)
+
+        def quack(name: str) -> torch.Tensor:
+            return _quack_gemm(x, linear.weight, linear.bias, residual, gate, None, epi, name)
+
+        return cublas, quack
+
+    def plain() -> torch.Tensor:
+        return _cublas(x, linear, epi)
+
+    def quack_plain(name: str) -> torch.Tensor:
+        return _quack_gemm(x, linear.weight, linear.bias, None, None, None, epi, name)
+
+    return plain, quack_plain
+
+
 def _measure(shape: GemmShape, mods: list[torch.nn.Linear], device: torch.device, min_gain: float,
              force_quack: bool) -> GemmChoice:
     linear = mods[0]
-    x, residual, gate = _inputs(shape, device)
-    res = residual if shape.epilogue == "gated_residual" else None
-    g = gate if shape.epilogue == "gated_residual" else None
-
-    residual_pass = _residual_pass(device) if shape.epilogue == "gated_residual" else None
-
-    def cublas() -> torch.Tensor:
-        if residual_pass is not None:
-            return residual_pass(residual, F.linear(x, linear.weight, linear.bias), gate)
-        return _cublas(x, linear, shape.epilogue)
-
+    cublas, quack = _contenders(shape, linear, device)
     with torch.no_grad():
         ref = cublas().float()
         timings = {CUBLAS: _time_us(cublas, device)}
         notes: dict[str, str] = {}
         for name in QUACK_CONFIGS:
-            def quack(name: str = name) -> torch.Tensor:
-                return _quack_gemm(x, linear.weight, linear.bias, res, g, shape.epilogue, name)
             try:
-                out = quack().float()
+                out = quack(name).float()
                 diff = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
                 if not diff <= MAX_REL_DIFF:
                     notes[name] = f"rel diff {diff:.1e} > {MAX_REL_DIFF}"
                     continue
-                timings[name] = _time_us(quack, device)
+                timings[name] = _time_us(lambda name=name: quack(name), device)
             except Exception as exc:  # noqa: BLE001 - a configuration this shape cannot take is skipped, noted
                 notes[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
     quack_times = {k: v for k, v in timings.items() if k != CUBLAS}

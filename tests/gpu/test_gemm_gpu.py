@@ -52,6 +52,28 @@ def test_quack_epilogues_match_float32(epilogue, config) -> None:
     assert _rel(out, ref) < 1e-2
 
 
+@needs_quack
+@pytest.mark.parametrize("config", list(QUACK_CONFIGS))
+def test_split_projection_with_residual_matches_float32(config) -> None:
+    """Flux's single-stream output at its real widths: cuBLAS for the attention part, QuACK for the MLP part with the
+    first part's output, the gate and the residual in its epilogue (a column slice of the weight as its operand)."""
+    from services.gemm import linear_of_concat_gated_residual, route_linear
+
+    g = torch.Generator(DEV).manual_seed(4)
+    lin = torch.nn.Linear(3072 + 12288, 3072, device=DEV, dtype=BF16)
+    attn = torch.randn(1, 1100, 3072, generator=g, device=DEV).to(BF16)
+    mlp = torch.randn(1, 1100, 12288, generator=g, device=DEV).to(BF16)
+    res = torch.randn(1, 1100, 3072, generator=g, device=DEV).to(BF16)
+    gate = torch.randn(1, 1, 3072, generator=g, device=DEV).to(BF16)
+    y = torch.cat([attn, mlp], -1).float() @ lin.weight.float().t() + lin.bias.float()
+    ref = res.float() + y * gate.float()
+    route_linear(lin, config)
+    with torch.no_grad():
+        out = linear_of_concat_gated_residual(lin, (attn, mlp), res, gate)
+    assert out.shape == res.shape and out.dtype == BF16
+    assert _rel(out, ref) < 1e-2
+
+
 def _wan_blocks():
     from diffusers import WanTransformer3DModel
 

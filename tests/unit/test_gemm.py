@@ -125,3 +125,22 @@ def test_feed_forward_residual_is_the_residual_of_the_module() -> None:
             shapes = {(s.m, s.k, s.n, s.epilogue) for s in route.layers}
             assert shapes == {(9, 32, 16, "gated_residual")}, shapes  # recorded as the fused shape, once
             route_linear(ff.net[-1], None)
+
+
+def test_split_projection_with_its_residual() -> None:
+    """Flux's single-stream output: ``residual + gate * linear(cat(parts))`` in float32, rounded once; recorded as
+    the MLP part's GEMM (K = its width) with the split residual epilogue."""
+    from services.gemm import linear_of_concat_gated_residual
+
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(8 + 24, 16)
+    attn, mlp = torch.randn(1, 5, 8), torch.randn(1, 5, 24)
+    res, gate = torch.randn(1, 5, 16), torch.randn(1, 1, 16)
+    expected = (res.float() + lin(torch.cat([attn, mlp], -1)).float() * gate).type_as(res)
+    recorder = GemmRecorder()
+    for route in (None, recorder, "quack_pp128x192"):  # a CPU tensor never takes the QuACK route
+        route_linear(lin, route)
+        got = linear_of_concat_gated_residual(lin, (attn, mlp), res, gate)
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+    route_linear(lin, None)
+    assert {(s.m, s.k, s.n, s.epilogue) for s in recorder.layers} == {(5, 24, 16, "split_gated_residual")}

@@ -33,9 +33,9 @@ from diffusers.models.transformers.transformer_flux import (
 
 from services.ada_norm import add_norm_modulate, norm_modulate
 from services.attention import AttentionOps
-from services.gemm import feed_forward_residual
+from services.gemm import feed_forward_residual, linear_of_concat_gated_residual
 from services.norm_rope import norm_rope
-from services.runtime import linear_gelu_tanh, linear_of_concat
+from services.runtime import linear_gelu_tanh
 
 
 def joint_qkv(attn: torch.nn.Module, image: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -122,11 +122,11 @@ def single_block_forward(self: FluxSingleTransformerBlock, hidden_states: torch.
                             **(joint_attention_kwargs or {}))
     if not mlp:
         run_mlp()
-    if fused:
-        projected = linear_of_concat(self.proj_out, (attn_output, mlp[0]))
+    if fused:  # float32, rounded once (as inductor computes the pointwise residual); one QuACK GEMM where routed
+        hidden_states = linear_of_concat_gated_residual(self.proj_out, (attn_output, mlp[0]), residual,
+                                                        gate.unsqueeze(1))
     else:
-        projected = self.proj_out(torch.cat([attn_output, mlp[0]], dim=2))
-    hidden_states = residual + gate.unsqueeze(1) * projected
+        hidden_states = residual + gate.unsqueeze(1) * self.proj_out(torch.cat([attn_output, mlp[0]], dim=2))
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
     return hidden_states[:, :text_len], hidden_states[:, text_len:]
