@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import statistics
+import time
 import types
 from collections.abc import Callable
 from typing import Any, Literal
@@ -330,11 +331,14 @@ class GemmSelection:
     backend: str
     choices: list[GemmChoice]
     unavailable: str | None = None
+    seconds: float = 0.0
+    """Start-up time the selection took (QuACK's kernel compilation and the timing)."""
 
     def metadata(self) -> dict[str, str]:
         routed = sum(c.layers for c in self.choices if c.choice != CUBLAS)
         facts = {"gemm_backend": self.backend, "gemm_quack_layers": str(routed),
-                 "gemm_choices": "; ".join(c.describe() for c in self.choices)}
+                 "gemm_choices": "; ".join(c.describe() for c in self.choices),
+                 "gemm_select_seconds": f"{self.seconds:.2f}"}
         if self.unavailable:
             facts["gemm_quack_unavailable"] = self.unavailable
         return facts
@@ -363,6 +367,7 @@ def select_gemms(backend: str, recorder: GemmRecorder, device: torch.device, min
     stays on cuBLAS, noted) or to cuBLAS (``cublas``); returns the report."""
     from services.config import ConfigError
 
+    t0 = time.perf_counter()
     layers = recorder.layers
     for linear in recorder.candidates:  # off the recorder; the chosen ones are routed again below
         route_linear(linear, None)
@@ -376,7 +381,8 @@ def select_gemms(backend: str, recorder: GemmRecorder, device: torch.device, min
             choices.append(GemmChoice(shape, len(mods), CUBLAS, {}, note))
             continue
         choices.append(_measure(shape, mods, device, min_gain, force_quack=backend == "quack"))
-    selection = GemmSelection(backend, choices, reason if backend != CUBLAS else None)
+    selection = GemmSelection(backend, choices, reason if backend != CUBLAS else None,
+                              seconds=time.perf_counter() - t0)
     log.info("gemm_selection", **selection.metadata())
     return selection
 
