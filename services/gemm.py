@@ -196,8 +196,9 @@ def linear_gelu_tanh(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
 
 def linear_gated_residual(x: torch.Tensor, linear: torch.nn.Linear, residual: torch.Tensor,
                           gate: torch.Tensor) -> torch.Tensor:
-    """``residual + gate * linear(x)`` in float32, rounded to the residual's dtype (Wan's FFN output): QuACK computes
-    it in the GEMM's epilogue when the layer is routed there and the batch is one (the gate is one row)."""
+    """``residual + gate * linear(x)`` in float32, rounded to the residual's dtype (a feed-forward's output and the
+    block's gated residual): QuACK computes it in the GEMM's epilogue when the layer is routed there and the batch is
+    one (the gate is one row)."""
     if gate.numel() == linear.out_features:
         out = _routed(x, linear, "gated_residual", residual, gate.float())
         if out is not None:
