@@ -47,7 +47,7 @@ def test_quack_epilogues_match_float32(epilogue, config) -> None:
     else:
         ref = y
     gated = epilogue == "gated_residual"
-    out = torch.ops.chitu.quack_gemm(x, w, b, res if gated else None, gate if gated else None, epilogue, config)
+    out = torch.ops.chitu.quack_gemm(x, w, b, res if gated else None, gate if gated else None, None, epilogue, config)
     assert out.shape == (m, n) and out.dtype == BF16
     assert _rel(out, ref) < 1e-2
 
