@@ -13,8 +13,10 @@ multiples of 8) carries ``chitu_gemm``: absent means cuBLAS; a ``GemmRecorder`` 
 ``select_gemms`` chose one. Four entry points read it: the Linear's forward (``route_linear`` installs it), the
 families' GELU MLPs (``linear_gelu_tanh``), a feed-forward's output projection with the gated residual after it
 (``linear_gated_residual``, via ``feed_forward_residual``: Wan's FFN, Flux's double-stream FFNs), and Flux's
-single-stream output projection over [attention; MLP] with its gated residual (``linear_of_concat_gated_residual``). The QuACK call is an opaque custom op (``chitu::quack_gemm``), so compiled blocks and
-CUDA graphs treat it as one kernel.
+single-stream output projection over [attention; MLP] with its gated residual (``linear_of_concat_gated_residual``;
+on cuBLAS ``linear_of_concat``, two GEMMs on the weight's column slices, the second accumulating in place). The
+QuACK call is an opaque custom op (``chitu::quack_gemm``), so compiled blocks and CUDA graphs treat it as one
+kernel.
 
 Numerics: both accumulate in float32 and round once; QuACK's GELU and residual run on the float32 accumulator (the
 residual path rounds once where diffusers rounds the FFN output to bf16 first). ``select_gemms`` rejects a kernel
@@ -28,7 +30,7 @@ import functools
 import statistics
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -206,15 +208,47 @@ def linear_gated_residual(x: torch.Tensor, linear: torch.nn.Linear, residual: to
     return (residual.float() + F.linear(x, linear.weight, linear.bias).float() * gate).type_as(residual)
 
 
+def linear_of_concat(linear: torch.nn.Linear, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``linear(torch.cat(parts, -1))`` without the concatenation: one GEMM per part on the matching columns of the
+    weight (views, no copy), each accumulated into the output in place (the first adds the bias). An opaque custom
+    op (``chitu::linear_of_concat``): written as out-of-place ``addmm(out, ...)`` calls, every accumulation first
+    copied the whole output into a new buffer (a 28 MB device-to-device copy per Flux single-stream block, 0.5 ms a
+    forward on an H200), also inside compiled blocks, where an in-place accumulation is turned back into that."""
+    widths = [part.shape[-1] for part in parts]
+    if not parts or sum(widths) != linear.weight.shape[1]:
+        raise ValueError(f"parts of widths {widths} do not cover the {linear.weight.shape[1]} input features of "
+                         f"{linear}")
+    out = torch.ops.chitu.linear_of_concat(list(parts), linear.weight, linear.bias)
+    return out.view(*parts[0].shape[:-1], out.shape[-1])
+
+
+@torch.library.custom_op("chitu::linear_of_concat", mutates_args=())
+def _linear_of_concat_op(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out, offset = None, 0
+    for part in parts:
+        k = part.shape[-1]
+        cols = weight[:, offset:offset + k].t()
+        flat = part.reshape(-1, k)
+        if out is None:
+            out = flat @ cols if bias is None else torch.addmm(bias, flat, cols)
+        else:
+            out.addmm_(flat, cols)  # cuBLAS accumulates into the output (beta = 1): no copy of it first
+        offset += k
+    return out
+
+
+@_linear_of_concat_op.register_fake
+def _(parts, weight, bias):
+    return parts[0].new_empty((parts[0].numel() // parts[0].shape[-1], weight.shape[0]))
+
+
 def linear_of_concat_gated_residual(linear: torch.nn.Linear, parts: tuple[torch.Tensor, torch.Tensor],
                                     residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``residual + gate * linear(cat(parts, -1))`` in float32, rounded to the residual's dtype (Flux's single-stream
-    output projection over [attention; MLP] and its gated residual). On cuBLAS: ``runtime.linear_of_concat`` and the
+    output projection over [attention; MLP] and its gated residual). On cuBLAS: ``linear_of_concat`` and the
     residual as a pointwise op. Routed to QuACK (batch 1): the first part's GEMM on cuBLAS, the second (the MLP's,
     K=12288) by QuACK with the first's output, the gate and the residual in its epilogue: no pass of its own over the
     projection and the residual stream."""
-    from services.runtime import linear_of_concat
-
     first, last = parts
     choice = _choice(linear)
     if gate.numel() == linear.out_features and first.shape[-1] + last.shape[-1] == linear.in_features:
@@ -402,8 +436,6 @@ def _contenders(shape: GemmShape, linear: torch.nn.Linear, device: torch.device
                 ) -> tuple[Callable[[], torch.Tensor], Callable[[str], torch.Tensor]]:
     """(cuBLAS as the compiled blocks run the layer, QuACK with a named configuration) on random inputs of ``shape``
     and the layer's own weights."""
-    from services.runtime import linear_of_concat
-
     x, residual, gate = _inputs(shape, device)
     epi = shape.epilogue
     if epi == "split_gated_residual":  # x is the MLP part; the attention part comes first in the weight's columns

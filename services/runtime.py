@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -161,40 +161,6 @@ def fuse_projections(model: torch.nn.Module) -> int:
     return n
 
 
-def linear_of_concat(linear: torch.nn.Linear, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``linear(torch.cat(parts, -1))`` without the concatenation: one GEMM per part on the matching columns of the
-    weight (views, no copy), each accumulated into the output in place (the first adds the bias). An opaque custom
-    op (``chitu::linear_of_concat``): written as out-of-place ``addmm(out, ...)`` calls, every accumulation first
-    copied the whole output into a new buffer (a 28 MB device-to-device copy per Flux single-stream block, 0.5 ms a
-    forward on an H200), also inside compiled blocks, where an in-place accumulation is turned back into that."""
-    widths = [part.shape[-1] for part in parts]
-    if not parts or sum(widths) != linear.weight.shape[1]:
-        raise ValueError(f"parts of widths {widths} do not cover the {linear.weight.shape[1]} input features of "
-                         f"{linear}")
-    out = torch.ops.chitu.linear_of_concat(list(parts), linear.weight, linear.bias)
-    return out.view(*parts[0].shape[:-1], out.shape[-1])
-
-
-@torch.library.custom_op("chitu::linear_of_concat", mutates_args=())
-def _linear_of_concat_op(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out, offset = None, 0
-    for part in parts:
-        k = part.shape[-1]
-        cols = weight[:, offset:offset + k].t()
-        flat = part.reshape(-1, k)
-        if out is None:
-            out = flat @ cols if bias is None else torch.addmm(bias, flat, cols)
-        else:
-            out.addmm_(flat, cols)  # cuBLAS accumulates into the output (beta = 1): no copy of it first
-        offset += k
-    return out
-
-
-@_linear_of_concat_op.register_fake
-def _(parts, weight, bias):
-    return parts[0].new_empty((parts[0].numel() // parts[0].shape[-1], weight.shape[0]))
-
-
 def _gelu_projection_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     """diffusers' ``GELU(approximate="tanh").forward`` (projection, then GELU) as one fused GEMM."""
     return linear_gelu_tanh(hidden_states, self.proj)
@@ -215,7 +181,7 @@ def fuse_gelu_epilogues(model: torch.nn.Module) -> int:
 
     diffusers' ``GELU`` modules (feed-forward up-projections) get a fused forward; Flux-style single-stream blocks
     are marked ``chitu_fused_mlp``, which the family's block forward reads (it also applies ``proj_out`` with
-    ``linear_of_concat``). Idempotent; ``unfuse_gelu_epilogues`` undoes it."""
+    ``services.gemm.linear_of_concat``). Idempotent; ``unfuse_gelu_epilogues`` undoes it."""
     from diffusers.models.activations import GELU
 
     n = 0

@@ -157,7 +157,7 @@ def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux) -> None:
 def test_fused_mlp_kernels_match_float32(tokens, dim, hidden) -> None:
     """The GELU-epilogue GEMM (cuBLASLt) and the split output projection at Flux / Wan MLP shapes, bf16, eager and
     compiled (inductor must call the fused kernel, not decompose it), vs the float32 unfused ops: bf16 bound 1e-2."""
-    from services.runtime import linear_gelu_tanh, linear_of_concat
+    from services.gemm import linear_gelu_tanh, linear_of_concat
 
     g = torch.Generator(DEV).manual_seed(0)
     up = torch.nn.Linear(dim, hidden, device=DEV, dtype=torch.bfloat16)
@@ -187,7 +187,7 @@ def test_split_output_projection_accumulates_in_place() -> None:
     cost a 28 MB copy per block)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from services.runtime import linear_of_concat
+    from services.gemm import linear_of_concat
 
     g = torch.Generator(DEV).manual_seed(1)
     down = torch.nn.Linear(3072 + 12288, 3072, device=DEV, dtype=torch.bfloat16)

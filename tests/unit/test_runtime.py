@@ -22,13 +22,12 @@ from denoiser_svc.worker import Worker
 from services.attention import LOCAL_SDPA
 from services.config import ConfigError, ModelConfig, load_config
 from services.families.base import SamplingParams
+from services.gemm import linear_gelu_tanh, linear_of_concat
 from services.registry import load_adapter
 from services.runtime import (
     RuntimeConfig,
     fuse_gelu_epilogues,
     fuse_projections,
-    linear_gelu_tanh,
-    linear_of_concat,
     regional_compile,
     repeated_blocks,
     undo_regional_compile,

@@ -33,9 +33,8 @@ from diffusers.models.transformers.transformer_flux import (
 
 from services.ada_norm import add_norm_modulate, norm_modulate
 from services.attention import AttentionOps
-from services.gemm import feed_forward_residual, linear_of_concat_gated_residual
+from services.gemm import feed_forward_residual, linear_gelu_tanh, linear_of_concat_gated_residual
 from services.norm_rope import norm_rope
-from services.runtime import linear_gelu_tanh
 
 
 def joint_qkv(attn: torch.nn.Module, image: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
