@@ -19,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -99,11 +100,7 @@ def packed_rows(shape: CallShape, reps: int, sustained: float = 0.0, rounds: int
         for label, call in calls.items():
             rows.append((f"{backend.name.value}, {label}", _time_ms(call, reps)))
         if sustained:
-            runs: dict[str, list[float]] = {label: [] for label in calls}
-            for r in range(rounds):
-                for label in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-                    runs[label].append(_sustained_ms(calls[label], sustained)[0])
-            for label, ms in runs.items():
+            for label, (ms, _) in sustained_rounds(calls, sustained, rounds).items():
                 rows.append((f"{backend.name.value}, {label}, sustained {sustained:g} s x {rounds} rounds "
                              f"({', '.join(f'{x:.3f}' for x in ms)})", statistics.median(ms)))
     return rows
@@ -139,16 +136,9 @@ def fa4_tile_rows(shape: CallShape, reps: int, sustained: float = 0.0, rounds: i
             print(f"  {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}",
                   flush=True)
     if sustained:
-        busy: dict[str, list[float]] = {label: [] for label in calls}
-        clocks: dict[str, str] = {}
-        for _ in range(rounds):
-            for label, call in calls.items():
-                ms, sampler = _sustained_ms(call, sustained)
-                busy[label].append(ms)
-                clocks[label] = sampler.brief()
-        for label, runs in busy.items():
+        for label, (runs, clocks) in sustained_rounds(calls, sustained, rounds, alternate=False).items():
             rows.append((f"{label}, sustained {sustained:g} s x {rounds} rounds "
-                         f"({', '.join(f'{r:.3f}' for r in runs)}) [{clocks[label]}]", statistics.median(runs)))
+                         f"({', '.join(f'{r:.3f}' for r in runs)}) [{clocks}]", statistics.median(runs)))
     return rows
 
 
@@ -169,6 +159,20 @@ def _sustained_ms(call, seconds: float):
             ends[-1].synchronize()
             ms += [a.elapsed_time(b) for a, b in zip(ends, ends[1:], strict=False)]
     return statistics.median(ms[len(ms) // 2:]), clocks
+
+
+def sustained_rounds(calls: dict[str, Callable[[], object]], seconds: float, rounds: int = 3,
+                     alternate: bool = True) -> dict[str, tuple[list[float], str]]:
+    """Each call run back to back for ``seconds`` (``_sustained_ms``), the calls in turn, ``rounds`` times (with
+    ``alternate`` the order flips every other round, so no call always follows the same one); per call its ms a call
+    in each round and the clocks of its last round."""
+    out: dict[str, tuple[list[float], str]] = {label: ([], "") for label in calls}
+    for r in range(rounds):
+        order = list(calls) if r % 2 == 0 or not alternate else list(calls)[::-1]
+        for label in order:
+            ms, sampler = _sustained_ms(calls[label], seconds)
+            out[label] = (out[label][0] + [ms], sampler.brief())
+    return out
 
 
 def sustained_rows(shape: CallShape, seconds: float) -> list[tuple[str, float]]:

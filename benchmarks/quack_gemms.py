@@ -54,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
-    from quack.gemm_config import GemmConfig
     from quack.gemm_interface import gemm_add_inplace
 
-    from services.gemm import quack_epilogues
+    from services.gemm import quack_epilogues, quack_gemm_config, residual_pass
 
     # the epilogues services.gemm runs (QuACK's own gemm_act fails to fingerprint the activation under CuTe DSL
     # 4.8.1: "epilogue fn depends on <ContextVar _LOC_TRANSFORMS>")
@@ -70,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(300):
         warm @ warm
     t = Timer(dev, args.reps)
-    configs = {n: GemmConfig(tile_m=c[0], tile_n=c[1], pingpong=c[2], cluster_m=c[3], cluster_n=c[4],
-                             is_dynamic_persistent=False) for n, c in CONFIGS.items() if n in args.configs.split(",")}
+    configs = {n: quack_gemm_config(*c) for n, c in CONFIGS.items() if n in args.configs.split(",")}
     print("| GEMM | variant | us / call | TFLOP/s | rel diff vs cuBLAS | compile s |\n|---|---|---|---|---|---|")
 
     def row(case: str, variant: str, us: float, flop: float, diff: float | None = None, comp: float | None = None):
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = (h.float() + F.linear(x, w, b).float() * gate).to(BF16)
         case = f"wan ff down + gated residual [{m}, {k}] x [{k}, {n}]"
         row(case, "cuBLAS down", t.us(lambda: F.linear(x, w, b)), flop)
-        res = torch.compile(lambda h, y, g: (h.float() + y.float() * g).to(BF16))
+        res = residual_pass(dev)
         y = F.linear(x, w, b)
         res(h, y, gate)
         row(case, "cuBLAS down + inductor residual (ours now)", t.us(lambda: res(h, F.linear(x, w, b), gate)), flop)
@@ -189,19 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     wan_down_residual()
     return 0
 
+
 def sustained_rows(seconds: float, dev: torch.device, act_call, gated_residual, configs, rounds: int = 3) -> int:
     """cuBLAS and QuACK (the configuration ``services.gemm`` chose at these shapes) each run back to back for
     ``seconds``, alternating, ``rounds`` times: at the card's power cap (as inside a forward) rather than covered."""
-    from benchmarks.attention_kernels import _sustained_ms
+    from benchmarks.attention_kernels import sustained_rounds
+    from services.gemm import residual_pass
 
-    res = torch.compile(lambda h, y, g: (h.float() + y.float() * g).to(BF16))
+    res = residual_pass(dev)
+
     def pair(m: int, k: int, n: int, epi: str | None, cfg: str):
         """(cuBLAS as our blocks ran it before, QuACK with ``cfg``) for one shape."""
         x = _randn(m, k, seed=5, dev=dev)
         w, b = _linear(n, k, 7, dev)
         h = _randn(m, n, seed=31, dev=dev)
         gate = torch.randn(1, n, device=dev) * 0.1
-        quack = act_call(x, w, b, epi)
+        quack = act_call(x, w, b, epi) if epi != "res" else None
 
         def theirs():
             if epi == "res":
@@ -216,27 +217,17 @@ def sustained_rows(seconds: float, dev: torch.device, act_call, gated_residual, 
         theirs(), ours()
         return theirs, ours
 
-    cases = []
+    print("| GEMM | kernel | sustained ms / call (median of rounds) | TFLOP/s | clocks |\n|---|---|---|---|---|")
     for name, m, k, n, epi, cfg in (("wan ff up + gelu", 32760, 1536, 8960, "gelu", "pp128x192c21"),
                                     ("flux double ff up + gelu", 4096, 3072, 12288, "gelu", "pp128x192c21"),
                                     ("wan qkv", 32760, 1536, 4608, None, "pp128x192c21"),
                                     ("wan ff down + gated residual", 32760, 8960, 1536, "res", "coop256x192c21")):
         theirs, ours = pair(m, k, n, epi, cfg)
-        cases.append((f"{name} [{m}, {k}] x [{k}, {n}]", 2.0 * m * k * n, theirs, ours, cfg))
-    print("| GEMM | kernel | sustained ms / call (median of rounds) | TFLOP/s | clocks |\n|---|---|---|---|---|")
-    for case, flop, theirs, ours, cfg in cases:
-        times: dict[str, list[float]] = {"cuBLAS": [], f"quack {cfg}": []}
-        clocks = {}
-        for r in range(rounds):
-            order = list(zip(times, (theirs, ours), strict=True))
-            for label, fn in (order if r % 2 == 0 else order[::-1]):
-                ms, sampler = _sustained_ms(fn, seconds)
-                times[label].append(ms)
-                clocks[label] = sampler.brief()
-        for label, ms in times.items():
+        case, flop = f"{name} [{m}, {k}] x [{k}, {n}]", 2.0 * m * k * n
+        for label, (ms, clocks) in sustained_rounds({"cuBLAS": theirs, f"quack {cfg}": ours}, seconds, rounds).items():
             med = sorted(ms)[len(ms) // 2]
             print(f"| {case} | {label} | {med:.3f} ({', '.join(f'{v:.3f}' for v in ms)}) | {flop / med / 1e9:.0f} | "
-                  f"{clocks[label]} |", flush=True)
+                  f"{clocks} |", flush=True)
     return 0
 
 

@@ -128,13 +128,17 @@ def quack_epilogues() -> dict[str, Any]:
             "split_gated_residual": split_gated_residual}
 
 
-@functools.cache
-def _quack_config(name: str) -> Any:
+def quack_gemm_config(tile_m: int, tile_n: int, pingpong: bool, cluster_m: int, cluster_n: int) -> Any:
+    """QuACK's ``GemmConfig`` for one tile configuration (static persistent scheduling, QuACK's SM90 default)."""
     from quack.gemm_config import GemmConfig
 
-    tile_m, tile_n, pingpong, cluster_m, cluster_n = QUACK_CONFIGS[name]
     return GemmConfig(tile_m=tile_m, tile_n=tile_n, pingpong=pingpong, cluster_m=cluster_m, cluster_n=cluster_n,
                       is_dynamic_persistent=False)
+
+
+@functools.cache
+def _quack_config(name: str) -> Any:
+    return quack_gemm_config(*QUACK_CONFIGS[name])
 
 
 @torch.library.custom_op("chitu::quack_gemm", mutates_args=())
@@ -426,7 +430,7 @@ def _gated_residual(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor)
     return (residual.float() + y.float() * gate).to(residual.dtype)
 
 
-def _residual_pass(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def residual_pass(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The gated residual after a cuBLAS GEMM as the compiled blocks run it: one kernel inductor generates (eager
     float32 ops would make three passes and flatter QuACK's fused epilogue)."""
     return torch.compile(_gated_residual, dynamic=False) if device.type == "cuda" else _gated_residual
@@ -442,20 +446,20 @@ def _contenders(shape: GemmShape, linear: torch.nn.Linear, device: torch.device
         k1 = linear.in_features - shape.k
         first = torch.randn(shape.m, k1, generator=torch.Generator(device).manual_seed(1), device=device
                             ).to(shape.dtype)
-        residual_pass = _residual_pass(device)
+        add_residual = residual_pass(device)
 
         def cublas() -> torch.Tensor:
-            return residual_pass(residual, linear_of_concat(linear, (first, x)), gate)
+            return add_residual(residual, linear_of_concat(linear, (first, x)), gate)
 
         def quack(name: str) -> torch.Tensor:
             return _split_quack(linear, first, x, residual, gate, name)
 
         return cublas, quack
     if epi == "gated_residual":
-        residual_pass = _residual_pass(device)
+        add_residual = residual_pass(device)
 
         def cublas() -> torch.Tensor:
-            return residual_pass(residual, F.linear(x, linear.weight, linear.bias), gate)
+            return add_residual(residual, F.linear(x, linear.weight, linear.bias), gate)
 
         def quack(name: str) -> torch.Tensor:
             return _quack_gemm(x, linear.weight, linear.bias, residual, gate, None, epi, name)
