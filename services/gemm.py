@@ -107,20 +107,22 @@ def quack_epilogues() -> dict[str, Any]:
     """QuACK epilogue modules (built once; QuACK caches their compiled kernels per tile configuration)."""
     import quack.activation as qact  # a module: QuACK's epilogue fingerprint keys it by name
     from quack.epilogue.frontend import gemm_epilogue
+    from quack.epilogue.ops import RowVecLoad
 
-    @gemm_epilogue()
+    # bias and gate are per-output-column vectors: pinned, as QuACK cannot tell row from column vectors when M == N
+    @gemm_epilogue(ops={"bias": RowVecLoad("bias")})
     def bias(acc, bias):
         return {"D": acc + bias}
 
-    @gemm_epilogue()
+    @gemm_epilogue(ops={"bias": RowVecLoad("bias")})
     def bias_gelu(acc, bias):
         return {"D": qact.gelu_tanh_approx(acc + bias)}
 
-    @gemm_epilogue()
+    @gemm_epilogue(ops={"bias": RowVecLoad("bias"), "gate": RowVecLoad("gate")})
     def gated_residual(acc, c, bias, gate):
         return {"D": c + (acc + bias) * gate}
 
-    @gemm_epilogue()
+    @gemm_epilogue(ops={"gate": RowVecLoad("gate")})
     def split_gated_residual(acc, c, prev, gate):  # prev: the first part's projection (bias included)
         return {"D": c + (acc + prev) * gate}
 
@@ -152,7 +154,7 @@ def _quack_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if gate is not None:
         operands["gate"] = gate.reshape(1, -1)
     if prev is not None:
-        operands["prev"] = prev.view(1, *prev.shape)  # a full tile operand: (l, m, n)
+        operands["prev"] = prev  # a full tile operand, [M, N] like x's M and the output's N
     out = quack_epilogues()[epilogue](x, weight.t(), residual, config=_quack_config(config), tuned=False, **operands)
     return out["D"]
 

@@ -147,6 +147,7 @@ def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux) -> None:
         assert facts["compiled_blocks"] and facts["attention_source"] == "auto"
         if rt.gemm_backend == "quack":
             assert int(facts["gemm_quack_layers"]) > 0, facts["gemm_choices"]
+            assert "Error" not in facts["gemm_choices"], facts["gemm_choices"]  # no shape fell back on a failure
         assert int(facts["fused_mlp_modules"]) > 0 and int(facts["fused_norm_rope_modules"]) > 0
         assert int(facts["fused_norm_blocks"]) > 0
         err = float((ours - eager).norm() / eager.norm())

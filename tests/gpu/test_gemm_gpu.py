@@ -31,8 +31,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @needs_quack
 @pytest.mark.parametrize("config", list(QUACK_CONFIGS))
 @pytest.mark.parametrize("epilogue", ["bias", "bias_gelu", "gated_residual"])
-def test_quack_epilogues_match_float32(epilogue, config) -> None:
-    m, k, n = 4100, 1536, 4608  # rows not a multiple of any tile: the last tile is partial
+@pytest.mark.parametrize("mkn", [(4100, 1536, 4608), (1024, 512, 1024)], ids=["partial-tile", "square"])
+def test_quack_epilogues_match_float32(epilogue, config, mkn) -> None:
+    """Rows not a multiple of any tile (the last tile is partial), and M == N (the per-column vectors are pinned as
+    row vectors: QuACK cannot infer their kind from the shape there)."""
+    m, k, n = mkn
     g = torch.Generator(DEV).manual_seed(3)
     x = torch.randn(m, k, generator=g, device=DEV).to(BF16)
     w = (torch.randn(n, k, generator=g, device=DEV) * k ** -0.5).to(BF16)
