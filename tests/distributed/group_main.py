@@ -9,13 +9,16 @@ run time). With ``--device cuda`` (tests/gpu) the ranks are spawned instead, ran
 
 SPEC (``torch.save``): ``{"cases": [{"name", "checkpoint", "component", "layout": {...}, "jobs": [DenoiseJob]}]}``.
 OUT/<case>/<request_id>.rank<R>.pt: the latents; OUT/<case>/graph_breaks.rank<R>: the graph breaks torch.compile hit
-while running the case's jobs. Any error exits 1 (the test shows the output).
+while warming up and running the case's jobs; OUT/<case>/facts.rank<R>.json: the worker's runtime facts (kernel and
+GEMM choices). Any error exits 1 (the test shows the output).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import os
 import sys
 import time
@@ -53,12 +56,15 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str, device: 
         worker = Worker(config, groups=groups)
         worker.init_device()
         worker.load_model()
-        if case.get("overrides"):  # runtime settings: choose kernels and compile as a serving rank does (no warm-up job)
+        breaks = graph_breaks()  # from before the warm-up: compilation happens there
+        if case.get("overrides"):  # runtime settings: choose kernels and compile as a serving rank does
             torch._dynamo.reset()  # compile afresh, as a serving process does (no graphs cached by an earlier case)
-            worker.compile_or_warm_up_model(None)
+            # the first job under another id is the warm-up: its recorded step picks the GEMM routes, and the CUDA
+            # graphs are captured before the job itself runs (as a served request finds them)
+            first = case["jobs"][0]
+            worker.compile_or_warm_up_model(dataclasses.replace(first, request_id=f"{first.request_id}-warmup"))
         folder = out / case["name"]
         folder.mkdir(parents=True, exist_ok=True)
-        breaks = graph_breaks()
         for job in case["jobs"]:
             worker.add_request(job)
             for step in range(job.start_step, job.end_step):
@@ -66,6 +72,7 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str, device: 
             latents = worker.finish_request(job.request_id).latents
             torch.save(latents, folder / f"{job.request_id}.rank{rank}.pt")
         (folder / f"graph_breaks.rank{rank}").write_text(str(graph_breaks() - breaks))
+        (folder / f"facts.rank{rank}.json").write_text(json.dumps(worker.runtime_facts))
         worker.shutdown()
         dist.barrier()
         print(f"case {case['name']}: {time.perf_counter() - t0:.1f} s", flush=True)
