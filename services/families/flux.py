@@ -24,6 +24,7 @@ from services.families.base import (
     SeqGather,
     SeqSplit,
     SequenceParallelPlan,
+    sequence_embeds,
 )
 from services.families.cache_spec import CacheSpec, block_counts
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
@@ -138,9 +139,10 @@ class FluxAdapter(FamilyAdapter):
             raise InvalidArgument(f"negative_conditionings are required: this Flux checkpoint runs true CFG at "
                                   f"guidance_scale={params.guidance_scale:g} > {self.cfg_threshold:g} (encode the "
                                   f"negative prompt, \"\" by default)")
-        texts = {"cond": _text_inputs(conditionings, "conditionings", device, dtype)}
+        widths = (transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim)
+        texts = {"cond": _text_inputs(conditionings, "conditionings", widths, device, dtype)}
         if do_cfg:
-            texts["uncond"] = _text_inputs(negative_conditionings, "negative_conditionings", device, dtype)
+            texts["uncond"] = _text_inputs(negative_conditionings, "negative_conditionings", widths, device, dtype)
             if texts["uncond"][0].shape[1] != texts["cond"][0].shape[1]:
                 raise InvalidArgument(f"negative_conditionings' prompt_embeds have {texts['uncond'][0].shape[1]} "
                                       f"tokens, the prompt's {texts['cond'][0].shape[1]}: encode both with one "
@@ -275,15 +277,21 @@ FLUX_TEACACHE_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.8
 """TeaCache's rescaling polynomial for FLUX.1-dev (fitted by the TeaCache authors, TeaCache4FLUX)."""
 
 
-def _text_inputs(named: dict[str, torch.Tensor], field: str, device: torch.device,
+def _text_inputs(named: dict[str, torch.Tensor], field: str, widths: tuple[int, int], device: torch.device,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, pooled_prompt_embeds, text_ids) of one branch, on the transformer's device and dtype."""
-    for name in ("prompt_embeds", "pooled_prompt_embeds"):
-        if name not in named:
-            raise InvalidArgument(f"{field} lacks {name!r} (got {sorted(named)})")
-    embeds = named["prompt_embeds"].to(device=device, dtype=dtype)
-    return (embeds, named["pooled_prompt_embeds"].to(device=device, dtype=dtype),
-            torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype))
+    """(prompt_embeds, pooled_prompt_embeds, text_ids) of one branch, on the transformer's device and dtype;
+    INVALID_ARGUMENT naming the field when one is missing or not one prompt's [1, L, joint_attention_dim] /
+    [1, pooled_projection_dim] (``widths``, from the transformer's config)."""
+    seq_width, pooled_width = widths
+    embeds = sequence_embeds(named, "prompt_embeds", seq_width, field)
+    pooled = named.get("pooled_prompt_embeds")
+    if pooled is None:
+        raise InvalidArgument(f"{field} lacks 'pooled_prompt_embeds' (got {sorted(named)})")
+    if tuple(pooled.shape) != (1, pooled_width):
+        raise InvalidArgument(f"{field}['pooled_prompt_embeds'] has shape {list(pooled.shape)}; expected "
+                              f"[1, {pooled_width}]")
+    embeds = embeds.to(device=device, dtype=dtype)
+    return (embeds, pooled.to(device=device, dtype=dtype), torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype))
 
 
 def _flux_modulated_input(block: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

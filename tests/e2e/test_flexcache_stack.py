@@ -157,7 +157,8 @@ def _counts(address: str) -> dict[str, str]:
 
 
 def test_cancelled_and_failed_cached_requests_leave_no_state(flux_stack, tiny_flux: Path) -> None:
-    """A cached request cancelled mid-run and one that fails in its first step are dropped with their cache state:
+    """A cached request cancelled mid-run and one refused when admitted (its prompt embeddings have the wrong width:
+INVALID_ARGUMENT from the adapter's prepare, after the engine queued it) are dropped with their cache state:
     the next request with the same strategy equals the same request on a fresh worker (this test process).
     Tolerance: <= 1e-6 relative, bitwise-identical hit pattern; the service runs the same kernels, only possibly
     with another CPU thread split of the GEMMs."""
@@ -183,8 +184,12 @@ def test_cancelled_and_failed_cached_requests_leave_no_state(flux_stack, tiny_fl
     failing = denoiser_pb2.DenoiseRequest(request_id="bad", model="tiny-flux", width=64, height=48, steps=6,
                                           guidance_scale=3.5, seed=2, cache=policy,
                                           conditionings=codec.named_to_proto(bad, 1 << 30))
-    with pytest.raises(grpc.RpcError):
+    failed_before = int(_counts(address)["failed_requests"])
+    with pytest.raises(grpc.RpcError) as err:  # queued by the engine, refused by prepare: a status that says what to fix
         _denoise(address, failing)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert "conditionings['prompt_embeds'] has shape [1, 16, 7]; expected [1, L, 32]" in err.value.details()
+    assert int(_counts(address)["failed_requests"]) == failed_before + 1
     req = denoiser_pb2.DenoiseRequest(request_id="next", model="tiny-flux", conditionings=wire, width=64, height=48,
                                       steps=8, guidance_scale=3.5, seed=2, cache=policy)
     latents, md = _denoise(address, req)

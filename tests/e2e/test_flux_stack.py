@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from clients.client import ChituClient, GenerateOptions
 from services import codec
@@ -164,3 +165,22 @@ def test_malformed_conditioning_is_invalid_argument(flux_stack) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt_embeds" in info.value.details()
 
+
+
+@pytest.mark.parametrize(("conds", "needle"), [
+    ({"prompt_embeds": (1, 4, 7), "pooled_prompt_embeds": (1, 32)},
+     "conditionings['prompt_embeds'] has shape [1, 4, 7]; expected [1, L, 32]"),
+    ({"prompt_embeds": (1, 4, 32), "pooled_prompt_embeds": (1, 5)},
+     "conditionings['pooled_prompt_embeds'] has shape [1, 5]; expected [1, 32]"),
+    ({"prompt_embeds": (1, 4, 32)}, "conditionings lacks 'pooled_prompt_embeds'"),
+], ids=["text-width", "pooled-width", "no-pooled"])
+def test_conditionings_of_the_wrong_shape_are_invalid_argument(flux_stack, conds: dict, needle: str) -> None:
+    """Well-formed tensors whose shapes do not fit the checkpoint (the widths come from the transformer's config):
+    INVALID_ARGUMENT naming the field and the expected shape, not an INTERNAL matmul error from inside the model."""
+    named = {name: torch.zeros(shape) for name, shape in conds.items()}
+    req = denoiser_pb2.DenoiseRequest(model="tiny-flux", conditionings=codec.named_to_proto(named, 1 << 20), width=32,
+                                      height=32, steps=2, guidance_scale=1.0, seed=0)
+    with grpc.insecure_channel(flux_stack.service("denoiser").address) as ch, pytest.raises(grpc.RpcError) as info:
+        list(denoiser_pb2_grpc.DenoiserServiceStub(ch).Denoise(req, timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert needle in info.value.details()
