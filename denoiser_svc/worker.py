@@ -38,6 +38,7 @@ from services.runtime import (
     fuse_projections,
     graph_breaks,
     regional_compile,
+    use_kernel_cache,
 )
 
 log = get_logger(__name__)
@@ -68,6 +69,7 @@ class Worker:
     def __init__(self, config: DenoiserServiceConfig, rendezvous: Rendezvous | None = None,
                  groups: ParallelGroups | None = None):
         self.config = config
+        use_kernel_cache(config.runtime.kernel_cache_dir)  # before anything imports a kernel library or compiles
         self.rendezvous = rendezvous
         """Where this rank's group meets (None: a group of one process)."""
         self.rank = groups.rank if groups is not None else (rendezvous.rank if rendezvous else 0)
@@ -86,6 +88,8 @@ class Worker:
         self.kernels: KernelSelection | None = None
         """Attention kernels per call kind, chosen in ``compile_or_warm_up_model`` (None: torch SDPA)."""
         self.runtime_facts: dict[str, str] = {}
+        if config.runtime.kernel_cache_dir:
+            self.runtime_facts["kernel_cache_dir"] = os.path.abspath(config.runtime.kernel_cache_dir)
         self.states: dict[str, DenoiseState] = {}
         self.export_state: set[str] = set()
         """Requests whose scheduler history is handed back at the end (another group continues them)."""

@@ -25,6 +25,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import types
 from collections.abc import Callable
 from typing import Any, Literal
@@ -81,6 +83,12 @@ class RuntimeConfig:
     run)."""
     gemm_min_gain: float = 0.01
     """``gemm_backend: auto``: a QuACK kernel must be this much faster than cuBLAS to be chosen."""
+    kernel_cache_dir: str = ""
+    """Folder for the persistent caches of compiled kernels: inductor's FX-graph and AOTAutograd caches, Triton's
+    (inductor's and ours), FlashAttention-4's and QuACK's CuTe-DSL objects, each in a sub-folder. On a volume that
+    outlives the process (the Helm chart mounts one), a restart or a new replica loads what an earlier start compiled
+    instead of compiling it again. Empty: each library's default (inductor, Triton and QuACK under /tmp or the home
+    folder, lost with the container; FlashAttention-4 keeps no disk cache)."""
 
     def validate(self) -> None:
         from services.attention.backends import AUTO, BackendError, parse_name
@@ -113,6 +121,36 @@ class RuntimeConfig:
         if self.compile_mode == "max-autotune":
             return "max-autotune" if graphs else "max-autotune-no-cudagraphs"
         return "reduce-overhead" if graphs else None
+
+
+KERNEL_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
+                 "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": "flash_attn_cute", "QUACK_CACHE_DIR": "quack"}
+"""The compilers' cache-folder variables and the sub-folder of ``kernel_cache_dir`` each gets."""
+
+
+def use_kernel_cache(folder: str) -> dict[str, str]:
+    """Point the compilers' persistent caches into ``folder`` (``RuntimeConfig.kernel_cache_dir``); returns what was
+    set. These libraries take their cache folders only from environment variables, so this sets them for this
+    process and the rank processes it starts; it must run before FlashAttention-4 or QuACK are imported (they read
+    them once, at import) and before anything compiles: the worker calls it first thing. FlashAttention-4's disk
+    cache is off unless asked for: it is switched on here too."""
+    if not folder:
+        return {}
+    folder = os.path.abspath(folder)
+    env = {var: os.path.join(folder, sub) for var, sub in KERNEL_CACHES.items()}
+    try:
+        for path in env.values():
+            os.makedirs(path, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise ConfigError(f"runtime.kernel_cache_dir {folder!r}: cannot write {path!r} ({exc.strerror})") from None
+    env["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
+    os.environ.update(env)
+    late = [name for name in ("flash_attn.cute.interface", "quack.cache") if name in sys.modules]
+    if late:  # e.g. a benchmark that imported them first: they keep the folders they read at import
+        log.warning("kernel_cache_late", modules=",".join(late), kernel_cache_dir=folder)
+    return env
 
 
 def denoiser_module(handle: Any, component: str = "transformer") -> torch.nn.Module:

@@ -90,6 +90,7 @@ def test_rendered_configs_load_with_the_service_config_classes(helm: str) -> Non
     data = by_kind(docs, "ConfigMap")["rel-chitu-config"]["data"]
     orch = from_dict(OrchestratorConfig, yaml.safe_load(data["orchestrator.yaml"]))
     services = set(by_kind(docs, "Service"))
+    assert [r.model for r in orch.routes] == ["flux-dev", "wan"]
     for route in orch.routes:
         for stage in ("encoder", "denoiser", "vae"):
             (endpoint,) = getattr(route, stage)
@@ -187,3 +188,34 @@ def test_tls_and_token_reach_every_service_and_probes_use_the_health_port(helm: 
 def test_token_without_tls_fails_with_a_message(helm: str) -> None:
     assert "never travels in plaintext" in render_error(helm, "security.token.secretName=chitu-token")
     assert "additional properties 'bogus'" in render_error(helm, "security.tls.bogus=1")
+
+
+def test_denoisers_keep_compiled_kernels_in_a_volume(helm: str) -> None:
+    """The denoiser config points ``runtime.kernel_cache_dir`` at a mounted volume: an emptyDir by default (outlives
+    container restarts), a shared claim when one is named (new replicas start warm); off: neither."""
+    docs = render(helm, "models[0].name=wan", "models[0].checkpoint=/models/wan",
+                  "models[0].denoiser.kernelCache.existingClaim=chitu-kernels")
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    data = by_kind(docs, "ConfigMap")["rel-chitu-config"]["data"]
+    cfg = from_dict(DenoiserServiceConfig, yaml.safe_load(data["wan-denoiser.yaml"]))
+    assert cfg.runtime.kernel_cache_dir == "/var/cache/chitu/kernels"
+    pod = by_kind(docs, "Deployment")["rel-chitu-wan-denoiser"]["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["kernel-cache"] == "/var/cache/chitu/kernels"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["kernel-cache"]["persistentVolumeClaim"]["claimName"] == "chitu-kernels"
+    for stage in ("encoder", "vae"):  # nothing compiles there
+        spec = by_kind(docs, "Deployment")[f"rel-chitu-wan-{stage}"]["spec"]["template"]["spec"]
+        assert "kernel-cache" not in {v["name"] for v in spec["volumes"]}
+
+    default = render(helm)
+    pod = by_kind(default, "Deployment")["rel-chitu-flux-dev-denoiser"]["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["kernel-cache"]["emptyDir"] == {"sizeLimit": "20Gi"}
+
+    off = render(helm, "denoiser.kernelCache.enabled=false")
+    data = by_kind(off, "ConfigMap")["rel-chitu-config"]["data"]
+    assert from_dict(DenoiserServiceConfig, yaml.safe_load(data["flux-dev-denoiser.yaml"])).runtime.kernel_cache_dir == ""
+    pod = by_kind(off, "Deployment")["rel-chitu-flux-dev-denoiser"]["spec"]["template"]["spec"]
+    assert "kernel-cache" not in {v["name"] for v in pod["volumes"]}
+    assert "/denoiser/kernelCache/mountPath" in render_error(helm, "denoiser.kernelCache.mountPath=relative")
