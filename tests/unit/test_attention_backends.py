@@ -112,7 +112,9 @@ def test_cpu_kernels_match_float64(masked: bool) -> None:
         mask[:, 0] = True
     ref, ref_lse = _ref(q, k, v, mask)
     spec = AttentionSpec.for_device(CPU, torch.float32, 16, has_mask=masked)
-    for backend in usable_backends(spec):
+    backends = usable_backends(spec)
+    assert {BackendName.SDPA, BackendName.SDPA_MATH} <= {b.name for b in backends}, backends
+    for backend in backends:
         out = backend.fn(q, k, v, mask)
         assert out.shape == q.shape and out.dtype == q.dtype
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-5, backend.name

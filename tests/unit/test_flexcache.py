@@ -237,13 +237,14 @@ def test_hooks_stay_correct_under_regional_compile(deep) -> None:
     eager = make_worker(deep["flux"])
     compiled = make_worker(deep["flux"])
     torch._dynamo.reset()
+    graphs_before = counters["stats"]["unique_graphs"]  # process-wide: reset() does not clear it
     regional_compile(compiled.transformer_of(compiled.runner.model),
                      RuntimeConfig(compile="on", compile_backend="aot_eager"), compiled.device)
     for strategy in ("pab", "dbcache", "meancache", "teacache"):
         job = make_job(deep["flux"], strategy, REAL[strategy])
         assert torch.equal(run_job(compiled, job).latents, run_job(eager, job).latents), strategy
         assert_clean(compiled)
-    assert counters["stats"]["unique_graphs"] >= 2
+    assert counters["stats"]["unique_graphs"] - graphs_before >= 2
 
 
 # -- schedules --------------------------------------------------------------------------------------------------------

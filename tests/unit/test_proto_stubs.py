@@ -27,12 +27,16 @@ def test_stubs_are_not_stale(tmp_path: Path) -> None:
 
 
 def test_stubs_support_grpcio_1_84_0() -> None:
-    for path in (ROOT / "services" / "proto" / "chitu" / "v1").glob("*_pb2_grpc.py"):
+    paths = sorted((ROOT / "services" / "proto" / "chitu" / "v1").glob("*_pb2_grpc.py"))
+    assert paths, "no generated stubs found"
+    for path in paths:
         assert "GRPC_GENERATED_VERSION = '1.84.0'" in path.read_text(), path
 
 
 def test_every_element_has_a_comment_and_enums_have_unspecified_zero() -> None:
-    for proto in (ROOT / "proto" / "chitu" / "v1").glob("*.proto"):
+    protos = sorted((ROOT / "proto" / "chitu" / "v1").glob("*.proto"))
+    assert protos, "no .proto files found"
+    for proto in protos:
         lines = proto.read_text().splitlines()
         assert "package chitu.v1;" in lines
         for i, line in enumerate(lines):
