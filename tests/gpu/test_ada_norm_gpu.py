@@ -116,7 +116,7 @@ def test_compiled_tiny_wan_worker_matches_eager(tiny_wan) -> None:
         return run_worker(tiny_wan, runtime, steps=3)
 
     eager, _ = run(RuntimeConfig(attention_backend="sdpa", fuse_qkv=False, fuse_mlp=False, fuse_norm_rope=False,
-                                 fuse_norms=False, compile="off"))
+                                 fuse_norms=False, compile="off", gemm_backend="cublas"))
     for rt in (RuntimeConfig(), RuntimeConfig(cuda_graphs=True)):
         ours, facts = run(rt)
         assert int(facts["fused_norm_blocks"]) > 0 and facts["compiled_blocks"]

@@ -1,7 +1,8 @@
 """GPU-only paths of the attention registry, auto-selection and regional compilation (run on the GPU machine:
 ``python -m pytest -m gpu tests/gpu``). Tolerances: bf16 kernels vs the float32 math kernel land at ~3e-3 relative
 error on random inputs, so exact kernels must stay under 1e-2 (the runtime's exact bound); 8-bit SageAttention under
-5e-2 (its lossy bound)."""
+1.5e-1 on these random shapes (see ``_bound``; the runtime's lossy bound, 5e-2, is applied by ``auto`` on the model's
+real shapes)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ def test_lse_backends_merge_exactly() -> None:
     qs = ks = (1, 2048, 8, 128)
     spec = AttentionSpec.for_device(DEV, torch.bfloat16, 128, needs_lse=True)
     math = get_backend(BackendName.SDPA_MATH, spec)
-    for backend in usable_backends(spec):
+    backends = [b for b in usable_backends(spec) if b.name != BackendName.SDPA_MATH]  # math is the reference
+    assert {BackendName.SDPA_CUDNN, BackendName.SDPA_FLASH, BackendName.SDPA_EFFICIENT} <= {b.name for b in backends}
+    for backend in backends:
         q, k, v = _qkv(qs, ks, seed=7)
         out, lse = backend.fn_lse(q, k, v, None)
         _, lse_ref = math.fn_lse(q, k, v, None)
@@ -138,7 +141,7 @@ def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux) -> None:
     from services.gemm import quack_unavailable_reason
 
     eager, _ = run(RuntimeConfig(attention_backend="sdpa", fuse_qkv=False, fuse_mlp=False, fuse_norm_rope=False,
-                                 fuse_norms=False, compile="off"))
+                                 fuse_norms=False, compile="off", gemm_backend="cublas"))
     runtimes = [RuntimeConfig(), RuntimeConfig(cuda_graphs=True)]
     if quack_unavailable_reason(DEV) is None:  # every block layer on QuACK's GEMMs, compiled, in CUDA graphs
         runtimes.append(RuntimeConfig(cuda_graphs=True, gemm_backend="quack"))
@@ -147,7 +150,8 @@ def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux) -> None:
         assert facts["compiled_blocks"] and facts["attention_source"] == "auto"
         if rt.gemm_backend == "quack":
             assert int(facts["gemm_quack_layers"]) > 0, facts["gemm_choices"]
-            assert "Error" not in facts["gemm_choices"], facts["gemm_choices"]  # no shape fell back on a failure
+            # every recorded shape on QuACK: none fell back to cuBLAS on an error or on its output check
+            assert " -> cublas" not in facts["gemm_choices"], facts["gemm_choices"]
         assert int(facts["fused_mlp_modules"]) > 0 and int(facts["fused_norm_rope_modules"]) > 0
         assert int(facts["fused_norm_blocks"]) > 0
         err = float((ours - eager).norm() / eager.norm())
@@ -202,6 +206,8 @@ def test_split_output_projection_accumulates_in_place() -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             out = fn(attn, mlp)
             torch.cuda.synchronize()
+    assert any("gemm" in e.name.lower() or "nvjet" in e.name.lower() for e in prof.events()), \
+        "the profiler recorded no GEMM kernel: the copy check below would pass on an empty trace"
     copies = [e for e in prof.events() if "Memcpy DtoD" in e.name]
     assert not copies, [e.name for e in copies]
     assert float((out.float() - ref * 0.5).norm() / (ref * 0.5).norm()) < 1e-2
