@@ -32,11 +32,18 @@ def test_sigterm_to_the_process_group_drains_the_in_flight_request(checkpoints_d
         worker_pid = int(info(address)["worker_pids"])
         started = threading.Event()
         outcome: dict[str, object] = {}
+        steps: list[int] = []
+        signalled = threading.Event()
+
+        def on_step(step: int) -> None:
+            steps.append(step)
+            if signalled.is_set():
+                outcome.setdefault("step_after_signal", step)
+            started.set()
 
         def run() -> None:
             try:
-                outcome["latents"] = denoise(address, to_request(job, ckpt.name), on_step=lambda s: started.set(),
-                                             timeout=180)
+                outcome["latents"] = denoise(address, to_request(job, ckpt.name), on_step=on_step, timeout=180)
             except BaseException as exc:  # noqa: BLE001 - reported below
                 outcome["error"] = exc
             finally:
@@ -46,8 +53,11 @@ def test_sigterm_to_the_process_group_drains_the_in_flight_request(checkpoints_d
         client.start()
         assert started.wait(120) and "error" not in outcome, outcome
         os.killpg(group.proc.pid, signal.SIGTERM)  # every rank of the group gets the signal
+        signalled.set()  # after the signal: a step counted below was certainly computed after it
         client.join(180)
         assert isinstance(outcome.get("latents"), torch.Tensor), f"{outcome.get('error')!r}\n{group.tail()}"
+        # the signal came mid-request: steps were still being computed after it, and none was lost
+        assert "step_after_signal" in outcome, f"every step was done before SIGTERM ({len(steps)} steps)"
         assert rel_err(outcome["latents"], reference(ckpt, job)) <= 1e-5
         assert group.proc.wait(timeout=60) == 0, group.tail()
         with pytest.raises(ProcessLookupError):  # the worker rank exited after rank 0's shutdown

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.distributed
 
 CHECKPOINTS = tiny_checkpoints()
 TOLERANCE = 1e-5
+NO_CFG = {"flux", "flux2_klein"}
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +60,12 @@ def group_runs(checkpoints_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_group_equals_single_process(family: str, group_runs: dict[str, tuple[Case, Path]]) -> None:
     mine = {name: run for name, run in group_runs.items() if run[0].family == family}
     assert mine, f"no layout ran for {family}"
-    adapter_facts = next(iter(mine.values()))[0]
-    from services.registry import load_adapter
-
-    adapter = load_adapter(adapter_facts.checkpoint)
+    # stated here, not derived from the adapters (a family that lost its CFG or sequence-parallel support would
+    # otherwise drop its layouts and still pass): every family shards its sequence; the guidance-distilled ones
+    # (Flux.1-dev, FLUX.2-klein distilled) have no CFG branch to split
     expected = set(LAYOUTS_2) | set(LAYOUTS_4)
-    if adapter.limits().guidance_kind != "cfg":
+    if family in NO_CFG:
         expected = {n for n in expected if "cfg" not in n}
-    if adapter.sequence_parallel_plan("transformer") is None:
-        expected = {n for n in expected if "ulysses" not in n and "ring" not in n}
     assert {name.removeprefix(f"{family}-") for name in mine} == expected
 
     refs: dict[tuple[str, str], torch.Tensor] = {}

@@ -104,7 +104,8 @@ def test_handover_needs_the_scheduler_history(tiny_wan22: Path) -> None:
     wire = codec.named_from_proto(codec.named_to_proto(exported))
     handed = state.latents
 
-    # the one-process run (what the pipeline does): the same scheduler object continues with the second expert
+    # the one-process run: the same scheduler object continues with the second expert, as WanPipeline's loop does
+    # (tests/e2e/test_family_wan.py compares the two-group stack with WanPipeline itself)
     state.guidance_scale = params.guidance_scale_2
     with torch.inference_mode():
         for i in range(b, 4):
