@@ -21,6 +21,7 @@ from services import codec
 from services.media import decode_png
 from services.proto.chitu.v1 import denoiser_pb2, denoiser_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from services.registry import load_adapter
+from tests.reference import pipeline_text_tokens
 
 IMAGE_TOLERANCE = 1
 """Max per-channel pixel difference, in 1/255."""
@@ -48,7 +49,7 @@ def pipeline_reference(checkpoint: Path, prompt: str, *, width: int, height: int
     pipe.set_progress_bar_config(disable=True)
     kwargs = {"prompt": prompt, "width": width, "height": height, "num_inference_steps": steps,
               "generator": torch.Generator("cpu").manual_seed(seed), "output_type": "np",
-              "max_sequence_length": adapter.max_sequence_length}
+              "max_sequence_length": pipeline_text_tokens(checkpoint)}
     if adapter.family == "qwen_image":  # guidance_scale is the pipeline's true_cfg_scale; "" means no negative
         kwargs.update(true_cfg_scale=guidance, negative_prompt=negative_prompt or None)
     elif adapter.family == "z_image":

@@ -29,6 +29,7 @@ from services.families.base import (
 from services.families.cache_spec import CacheSpec, block_counts
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
 from services.families.step_constants import StepConstant, StepTable, using
+from services.families.text_limits import tokenizer_budget
 
 
 class FluxAdapter(FamilyAdapter):
@@ -49,13 +50,7 @@ class FluxAdapter(FamilyAdapter):
     @property
     def max_sequence_length(self) -> int:
         """T5 token budget: the tokenizer's model_max_length, capped at the pipeline's 512."""
-        cfg_path = self.checkpoint / "tokenizer_2" / "tokenizer_config.json"
-        length = 512
-        if cfg_path.is_file():
-            import json
-
-            length = int(json.loads(cfg_path.read_text()).get("model_max_length", 512))
-        return min(length, 512)
+        return tokenizer_budget(self, 512, component="tokenizer_2")
 
     @property
     def distilled(self) -> bool:

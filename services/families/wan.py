@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +37,7 @@ from services.families.base import (
 )
 from services.families.cache_spec import CacheSpec
 from services.families.loading import checkpoint_defaults, load_partial_pipeline
+from services.families.text_limits import tokenizer_budget
 
 PIPELINE_MAX_SEQUENCE_LENGTH = 512
 """WanPipeline.__call__'s default ``max_sequence_length`` (UMT5 tokens; shorter prompts are zero-padded to it)."""
@@ -100,11 +100,7 @@ class WanAdapter(FamilyAdapter):
     @property
     def max_sequence_length(self) -> int:
         """UMT5 token budget: the pipeline's 512, capped by the tokenizer's model_max_length."""
-        cfg_path = self.checkpoint / "tokenizer" / "tokenizer_config.json"
-        length = PIPELINE_MAX_SEQUENCE_LENGTH
-        if cfg_path.is_file():
-            length = int(json.loads(cfg_path.read_text()).get("model_max_length", length))
-        return min(length, PIPELINE_MAX_SEQUENCE_LENGTH)
+        return tokenizer_budget(self, PIPELINE_MAX_SEQUENCE_LENGTH)
 
     def limits(self) -> Limits:
         defaults = checkpoint_defaults(self.checkpoint)

@@ -19,6 +19,7 @@ import torch
 from clients.client import ChituClient, GenerateOptions
 from services.media import decode_png
 from services.proto.chitu.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc, encoder_pb2, encoder_pb2_grpc
+from tests.reference import pipeline_text_tokens
 
 pytestmark = pytest.mark.e2e
 
@@ -51,13 +52,11 @@ def pipeline_image(checkpoint: Path, prompt: str, negative: str, scale: float, s
     """FluxPipeline in one process with true CFG (``true_cfg_scale`` and ``negative_prompt``)."""
     from diffusers import FluxPipeline
 
-    from services.families.flux import FluxAdapter
-
     pipe = FluxPipeline.from_pretrained(checkpoint, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt, negative_prompt=negative, true_cfg_scale=scale, width=width, height=height,
                num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
-               max_sequence_length=FluxAdapter(checkpoint).max_sequence_length)
+               max_sequence_length=pipeline_text_tokens(checkpoint))
     return np.asarray(out.images[0].convert("RGB"))
 
 
