@@ -52,12 +52,13 @@ def test_group_on_gpus_equals_one_gpu(checkpoints_dir: Path, tmp_path: Path, dty
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs at least 2 CUDA devices")
-@pytest.mark.parametrize("layout", ["traced", "traced-chunks2", "untraced", "traced-quack"])
+@pytest.mark.parametrize("layout", ["traced", "traced-chunks2", "untraced", "traced-quack", "ring2"])
 def test_compiled_group_with_cuda_graphs_on_gpus(checkpoints_dir: Path, tmp_path: Path, layout: str) -> None:
     """Ulysses traced into the compiled blocks on NCCL, replayed as CUDA graphs (the all-to-alls inside the graphs),
     with and without head chunks, with the block layers on QuACK's GEMMs (where QuACK runs), and the untraced
     variant: each equals the single-GPU eager worker (bf16, 3e-2) and the traced ones compile to one graph per block
-    (no graph break). One layout a test, so one can be run alone (``-k traced-quack``)."""
+    (no graph break); and Ring-2 compiled (no CUDA graphs: Ring breaks the graph at attention) with the chosen
+    kernel's log-sum-exp variant. One layout a test, so one can be run alone (``-k traced-quack``)."""
     from services.assets import widen_heads
     from services.gemm import quack_unavailable_reason
     from services.registry import load_adapter
@@ -75,6 +76,8 @@ def test_compiled_group_with_cuda_graphs_on_gpus(checkpoints_dir: Path, tmp_path
         if (reason := quack_unavailable_reason(torch.device("cuda"))) is not None:
             pytest.skip(reason)
         ckpt, parallel, overrides = flux, {"ulysses_degree": 2}, [*compiled, "runtime.gemm_backend=quack"]
+    elif layout == "ring2":
+        ckpt, parallel, overrides = flux, {"ring_degree": 2}, [o for o in compiled if "cuda_graphs" not in o]
     else:
         ckpt, parallel, overrides = flux, {"ulysses_degree": 2}, compiled
     case = Case(layout, "flux", ckpt, "transformer", parallel, [make_job(load_adapter(ckpt), layout)], overrides)
@@ -85,7 +88,9 @@ def test_compiled_group_with_cuda_graphs_on_gpus(checkpoints_dir: Path, tmp_path
     breaks = int((out / case.name / "graph_breaks.rank0").read_text())
     facts = json.loads((out / case.name / "facts.rank0.json").read_text())
     print(f"{layout}: rel err {err:.2e}, graph breaks {breaks}, GEMMs: {facts.get('gemm_choices')}")
-    assert facts["compiled_blocks"] and facts["compile_mode"] == "reduce-overhead", facts  # compiled, in graphs
+    graphs = layout != "ring2"
+    assert facts["compiled_blocks"] and facts["compile_mode"] == ("reduce-overhead" if graphs else "default"), facts
+    assert facts["attention_joint_backend"] == "sdpa_cudnn", facts  # Ring ran cuDNN's log-sum-exp variant
     if layout == "untraced":  # the all-to-alls stay outside the graphs: the blocks break there
         assert breaks > 0, "untraced Ulysses compiled without a graph break: were the collectives traced after all?"
     if layout == "traced-quack":  # every recorded shape on QuACK: none fell back to cuBLAS (error or output check)
