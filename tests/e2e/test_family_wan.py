@@ -119,8 +119,13 @@ def test_wan21_video_equals_pipeline(wan_stack, tiny_wan: Path) -> None:
     assert len(mp4) == 1 and mp4[0].mime_type == "video/mp4" and mp4[0].frames == FRAMES
     video, fps = decode_mp4(mp4[0].data)
     assert video.shape == (FRAMES, H, W, 3) and fps == 16.0
-    # H.264 at crf 18 with 4:2:0 chroma is lossy; it still has to be the same video, not just any video
-    assert np.abs(video.astype(float) - ours.astype(float)).mean() < 12.0
+    # H.264 at crf 18 with 4:2:0 chroma is lossy; it still has to be the same video, not just any video: far closer
+    # to ours than ours is to itself moved by half the width (same pixels and statistics, other places); measured
+    # 9.7 vs 24.5 /255 (the tiny model's 48x32 frames are noise-like, which 4:2:0 H.264 keeps least well)
+    same = np.abs(video.astype(float) - ours.astype(float)).mean()
+    moved = np.abs(np.roll(ours, W // 2, axis=2).astype(float) - ours.astype(float)).mean()
+    print(f"MP4 vs raw frames: mean abs diff {same:.2f} /255; raw vs itself moved: {moved:.2f}")
+    assert same < 12.0 and same < 0.5 * moved, (same, moved)
 
     pngs = sorted((a for a in result.artifacts if a.format == vae_pb2.MEDIA_FORMAT_PNG), key=lambda a: a.frame_index)
     assert [a.frame_index for a in pngs] == list(range(FRAMES))
