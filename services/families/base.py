@@ -299,7 +299,7 @@ class FamilyAdapter(ABC):
         """Resume ``state``'s freshly prepared scheduler from ``export_scheduler_state``'s output."""
         from services.families.scheduler_state import import_state
 
-        import_state(state.scheduler, tensors, state.latents.device)
+        import_state(state.scheduler, tensors, state.latents.device, tuple(state.latents.shape))
 
     def install_attention(self, model: Any, ops: Any) -> int:
         """Route every attention module of the loaded transformer through ``ops`` (``services.attention.AttentionOps``:

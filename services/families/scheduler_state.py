@@ -28,6 +28,10 @@ STATE_ATTRIBUTES: tuple[str, ...] = (
 )
 """Per-run attributes of diffusers schedulers that ``step`` mutates (besides ``_step_index``)."""
 
+SAMPLE_SHAPED: frozenset[str] = frozenset({"model_outputs", "last_sample", "sample", "prev_derivative"})
+"""The attributes (or list items) that hold a tensor of the latents' shape: checked against the request's latents on
+import, so a state exported from a run of another size is refused before the run, not inside its first step."""
+
 _NAME = re.compile(r"^(?P<attr>[a-z_]+)(?:\.(?P<index>\d+))?(?:#(?P<kind>int|float))?$")
 
 
@@ -63,10 +67,12 @@ def export_state(scheduler: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def import_state(scheduler: Any, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+def import_state(scheduler: Any, tensors: dict[str, torch.Tensor], device: torch.device,
+                 latents_shape: tuple[int, ...] | None = None) -> None:
     """Restore ``export_state``'s output into a scheduler prepared for the same schedule (``set_timesteps`` done).
 
-    Raises InvalidArgument naming the entry when a name does not fit this scheduler.
+    Raises InvalidArgument naming the entry when a name does not fit this scheduler, or (given ``latents_shape``) a
+    sample-shaped entry is not a floating-point tensor of the request's latents' shape.
     """
     for name, tensor in sorted(tensors.items()):
         m = _NAME.match(name)
@@ -80,6 +86,11 @@ def import_state(scheduler: Any, tensors: dict[str, torch.Tensor], device: torch
                 raise InvalidArgument(f"scheduler_state: {name!r} must hold one number, got shape {list(tensor.shape)}")
             value: Any = int(tensor.item()) if m["kind"] == "int" else float(tensor.item())
         else:
+            if latents_shape is not None and attr in SAMPLE_SHAPED and (
+                    tuple(tensor.shape) != tuple(latents_shape) or not tensor.is_floating_point()):
+                raise InvalidArgument(f"scheduler_state: {name!r} is a {tensor.dtype} tensor of shape "
+                                      f"{list(tensor.shape)}; this request's latents are floating point of shape "
+                                      f"{list(latents_shape)} (hand over the state of a run of the same size)")
             value = tensor.to(device)
         if m["index"] is None:
             setattr(scheduler, attr, value)

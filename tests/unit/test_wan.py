@@ -4,6 +4,7 @@ the scheduler hand-over, limits, and the real-size configs."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -125,7 +126,14 @@ def test_scheduler_state_rejects_foreign_entries(tiny_wan: Path) -> None:
     with pytest.raises(InvalidArgument, match="not a scheduler state entry"):
         adapter.import_scheduler_state(state, {"betas": torch.zeros(3)})
     with pytest.raises(InvalidArgument, match="out of range"):
-        adapter.import_scheduler_state(state, {"model_outputs.7": torch.zeros(3)})
+        adapter.import_scheduler_state(state, {"model_outputs.7": torch.zeros(*state.latents.shape)})
+    # a state of a run of another size: refused before the run (it had failed inside the first step)
+    expected = (f"'last_sample' is a torch.float32 tensor of shape [1, 16, 2, 2, 2]; this request's latents are "
+                f"floating point of shape {list(state.latents.shape)}")
+    with pytest.raises(InvalidArgument, match=re.escape(expected)):
+        adapter.import_scheduler_state(state, {"last_sample": torch.zeros(1, 16, 2, 2, 2)})
+    with pytest.raises(InvalidArgument, match="'model_outputs.0' is a torch.int64 tensor"):
+        adapter.import_scheduler_state(state, {"model_outputs.0": torch.zeros(*state.latents.shape, dtype=torch.int64)})
 
 
 def test_limits_and_validation(tiny_wan: Path, tiny_wan22: Path) -> None:
