@@ -8,6 +8,7 @@ import grpc
 
 from encoder_svc.config import EncoderServiceConfig
 from services import codec
+from services.errors import InvalidArgument
 from services.families.base import resolve_device, resolve_dtype
 from services.log import get_logger, setup_logging
 from services.proto.chitu.v1 import encoder_pb2, encoder_pb2_grpc
@@ -41,6 +42,10 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServiceServicer):
         check_prompt(request.prompt)
         check_prompt(request.negative_prompt, "negative_prompt", allow_empty=True)
         negative = request.negative_prompt if request.encode_negative else None
+        budget = self.adapter.limits().max_prompt_tokens
+        if not 0 <= request.max_sequence_length <= budget:  # the tokenizer pads to it: an unchecked value can OOM
+            raise InvalidArgument(f"max_sequence_length={request.max_sequence_length} must be in [0, {budget}] "
+                                  f"(0: this model's budget, {budget} tokens)")
         result = await self.thread.run(self.adapter.encode, self.model, request.prompt, negative,
                                        request.max_sequence_length)
         return encoder_pb2.EncodeResponse(

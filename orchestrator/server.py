@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,7 +38,7 @@ from services.proto.chitu.v1 import (
     vae_pb2,
 )
 from services.server import REQUEST_ID_KEY, ServiceHost, new_request_id
-from services.stage import MAX_PROMPT_CHARS, UNAVAILABLE_FORMAT_PREFIX, limits_from_proto
+from services.stage import MAX_PROMPT_CHARS, UNAVAILABLE_FORMAT_PREFIX, limits_from_proto, media_formats
 
 log = get_logger(__name__)
 
@@ -98,10 +99,10 @@ class Route:
     def check_formats(self, formats: list[int], limits: Limits) -> None:
         """Output formats the VAE stage cannot produce (MP4 where PyAV is missing) fail before any stage works on
         the request, with the fix; a model's unsupported formats are left to the VAE's own check."""
+        wanted = media_formats(formats, limits.supports_video, "output_formats")
         info = self.vae.info()
         if info is None:
             return
-        wanted = formats or ([vae_pb2.MEDIA_FORMAT_MP4] if limits.supports_video else [vae_pb2.MEDIA_FORMAT_PNG])
         for f in wanted:
             why = info.metadata.get(f"{UNAVAILABLE_FORMAT_PREFIX}{vae_pb2.MediaFormat.Name(f)}")
             if why:
@@ -163,8 +164,8 @@ def resolve_settings(request: generation_pb2.GenerateRequest, lim: Limits) -> Se
     if not 1 <= steps <= 1000:
         raise InvalidArgument(f"steps={steps} must be in [1, 1000] (unset means the default, {lim.default_steps})")
     guidance = request.guidance_scale if request.HasField("guidance_scale") else lim.default_guidance_scale
-    if not guidance >= 0:  # also rejects NaN
-        raise InvalidArgument(f"guidance_scale={guidance} must be >= 0")
+    if not 0 <= guidance < math.inf:  # also rejects NaN
+        raise InvalidArgument(f"guidance_scale={guidance} must be a finite number >= 0")
     seed = request.seed if request.HasField("seed") else random.randrange(2**63)
     if seed < 0:
         raise InvalidArgument(f"seed={seed} must be >= 0")
@@ -185,8 +186,8 @@ def resolve_settings(request: generation_pb2.GenerateRequest, lim: Limits) -> Se
         guidance_2 = request.guidance_scale_2
         if lim.experts < 2:
             raise InvalidArgument("guidance_scale_2 applies only to two-expert models (Wan2.2-A14B); leave it unset")
-        if not guidance_2 >= 0:
-            raise InvalidArgument(f"guidance_scale_2={guidance_2} must be >= 0")
+        if not 0 <= guidance_2 < math.inf:
+            raise InvalidArgument(f"guidance_scale_2={guidance_2} must be a finite number >= 0")
     fps = 0.0
     if lim.supports_video:
         fps = request.fps if request.HasField("fps") else (lim.default_fps or 16.0)

@@ -13,7 +13,7 @@ from services.config import ModelConfig
 from services.errors import InvalidArgument, NotFound
 from services.families.base import FamilyAdapter, Limits
 from services.metrics import memory_snapshot
-from services.proto.chitu.v1 import common_pb2
+from services.proto.chitu.v1 import common_pb2, vae_pb2
 
 T = TypeVar("T")
 
@@ -57,6 +57,19 @@ def check_model(requested: str, model: ModelConfig) -> None:
     served = model.served_names()
     if requested not in served:
         raise NotFound(f"model {requested!r} is not served here; served: {served}")
+
+
+def media_formats(formats: list[int], supports_video: bool, field: str) -> list[int]:
+    """The requested output formats, deduplicated, with MEDIA_FORMAT_UNSPECIFIED (or none at all) meaning the model's
+    default (MP4 for video, PNG for images); INVALID_ARGUMENT naming ``field`` for a value the enum does not define
+    (a newer client, a corrupt message)."""
+    known = set(vae_pb2.MediaFormat.values())
+    unknown = [f for f in formats if f not in known]
+    if unknown:
+        names = [vae_pb2.MediaFormat.Name(v) for v in sorted(known) if v != vae_pb2.MEDIA_FORMAT_UNSPECIFIED]
+        raise InvalidArgument(f"{field}: unknown value(s) {unknown}; use one of {names}")
+    default = vae_pb2.MEDIA_FORMAT_MP4 if supports_video else vae_pb2.MEDIA_FORMAT_PNG
+    return list(dict.fromkeys(default if f == vae_pb2.MEDIA_FORMAT_UNSPECIFIED else f for f in formats)) or [default]
 
 
 def check_prompt(prompt: str, field: str = "prompt", allow_empty: bool = False) -> None:

@@ -17,7 +17,7 @@ from services.media import encode_png
 from services.proto.chitu.v1 import vae_pb2, vae_pb2_grpc
 from services.registry import load_adapter
 from services.server import ServiceHost
-from services.stage import UNAVAILABLE_FORMAT_PREFIX, WorkThread, check_model, stage_info
+from services.stage import UNAVAILABLE_FORMAT_PREFIX, WorkThread, check_model, media_formats, stage_info
 from vae_svc.config import VaeServiceConfig
 from vae_svc.tiling import can_tile, limit_process_memory, spatial_factor, tile_sizes, tiling
 from vae_svc.video import MISSING_PYAV, encode_mp4, mp4_available
@@ -116,19 +116,19 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         params = SamplingParams(width=header.width, height=header.height, steps=1, guidance_scale=0.0, seed=0,
                                 frames=max(header.frames, 1))
         for name, value in (("width", params.width), ("height", params.height)):
-            if value <= 0 or value % lim.size_multiple:
-                raise InvalidArgument(f"{name}={value} must be a positive multiple of {lim.size_multiple}")
+            if value <= 0 or value % lim.size_multiple or value > lim.max_size:
+                raise InvalidArgument(f"{name}={value} must be a positive multiple of {lim.size_multiple}, at most "
+                                      f"{lim.max_size}")
         if lim.supports_video:
-            if (params.frames - 1) % lim.frame_multiple:
-                raise InvalidArgument(f"frames={params.frames} must be k*{lim.frame_multiple}+1")
+            if (params.frames - 1) % lim.frame_multiple or params.frames > lim.max_frames:
+                raise InvalidArgument(f"frames={params.frames} must be k*{lim.frame_multiple}+1 and at most "
+                                      f"{lim.max_frames}")
             allowed = (vae_pb2.MEDIA_FORMAT_MP4, vae_pb2.MEDIA_FORMAT_PNG, vae_pb2.MEDIA_FORMAT_RAW_RGB8)
-            default = vae_pb2.MEDIA_FORMAT_MP4
         else:
             if params.frames != 1:
                 raise InvalidArgument(f"frames={params.frames}: {self.adapter.family} decodes images; use 0 or 1")
             allowed = (vae_pb2.MEDIA_FORMAT_PNG, vae_pb2.MEDIA_FORMAT_RAW_RGB8)
-            default = vae_pb2.MEDIA_FORMAT_PNG
-        formats = list(dict.fromkeys(header.formats)) or [default]
+        formats = media_formats(list(header.formats), lim.supports_video, "formats")
         for f in formats:
             if f not in allowed:
                 raise InvalidArgument(f"formats: {vae_pb2.MediaFormat.Name(f)} is not supported for "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,8 +247,8 @@ class FamilyAdapter(ABC):
                 raise InvalidArgument(f"{name}={value} must be in [{lim.min_size}, {lim.max_size}]")
         if not 1 <= params.steps <= 1000:
             raise InvalidArgument(f"steps={params.steps} must be in [1, 1000]")
-        if params.guidance_scale < 0 or params.guidance_scale != params.guidance_scale:
-            raise InvalidArgument(f"guidance_scale={params.guidance_scale} must be >= 0")
+        if not 0 <= params.guidance_scale < math.inf:  # also rejects NaN
+            raise InvalidArgument(f"guidance_scale={params.guidance_scale} must be a finite number >= 0")
         if lim.supports_video:
             if params.frames < 1 or (params.frames - 1) % lim.frame_multiple or params.frames > lim.max_frames:
                 raise InvalidArgument(f"frames={params.frames} must be k*{lim.frame_multiple}+1 and at most "

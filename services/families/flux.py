@@ -256,9 +256,10 @@ class FluxAdapter(FamilyAdapter):
     def decode(self, model: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         vae = model.vae
         expected = (params.height // (model.vae_scale_factor * 2)) * (params.width // (model.vae_scale_factor * 2))
-        if latents.ndim != 3 or latents.shape[1] != expected:
+        channels = vae.config.latent_channels * 4  # 2x2 patches packed per token
+        if latents.ndim != 3 or latents.shape[0] < 1 or tuple(latents.shape[1:]) != (expected, channels):
             raise InvalidArgument(f"latents of shape {list(latents.shape)} do not fit {params.width}x{params.height} "
-                                  f"(expected [B, {expected}, C])")
+                                  f"(expected [B >= 1, {expected}, {channels}])")
         with torch.inference_mode():
             x = model._unpack_latents(latents.to(device=vae.device, dtype=vae.dtype), params.height, params.width,
                                       model.vae_scale_factor)

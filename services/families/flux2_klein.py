@@ -231,9 +231,9 @@ class Flux2KleinAdapter(FamilyAdapter):
         grid = model.vae_scale_factor * 2
         h_tokens, w_tokens = params.height // grid, params.width // grid
         channels = vae.bn.num_features
-        if latents.ndim != 3 or tuple(latents.shape[1:]) != (h_tokens * w_tokens, channels):
+        if latents.ndim != 3 or latents.shape[0] < 1 or tuple(latents.shape[1:]) != (h_tokens * w_tokens, channels):
             raise InvalidArgument(f"latents of shape {list(latents.shape)} do not fit {params.width}x{params.height} "
-                                  f"(expected [B, {h_tokens * w_tokens}, {channels}])")
+                                  f"(expected [B >= 1, {h_tokens * w_tokens}, {channels}])")
         with torch.inference_mode():
             x = latents.to(device=vae.device, dtype=vae.dtype)
             ids = model._prepare_latent_ids(x.new_empty(x.shape[0], channels, h_tokens, w_tokens)).to(x.device)

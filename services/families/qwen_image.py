@@ -86,6 +86,17 @@ class QwenImageAdapter(FamilyAdapter):
             cfg_threshold=1.0, cfg_needs_negative_prompt=True,
         )
 
+    def validate_params(self, params: SamplingParams) -> None:
+        super().validate_params(params)
+        # the scheduler stretches its sigmas to end at shift_terminal: one step divides 0 by 0 (NaN latents, no error)
+        try:
+            terminal = self.component_config("scheduler").get("shift_terminal")
+        except FileNotFoundError:
+            terminal = None
+        if terminal and params.steps < 2:
+            raise InvalidArgument(f"steps={params.steps}: this checkpoint's scheduler (shift_terminal={terminal}) needs "
+                                  f"at least 2 steps")
+
     # -- encoder stage ---------------------------------------------------------------------------------------------
     def load_encoder(self, dtype: torch.dtype, device: torch.device) -> Any:
         return load_partial_pipeline(self, self.encoder_components, dtype, device)
@@ -235,9 +246,9 @@ class QwenImageAdapter(FamilyAdapter):
         vsf = model.vae_scale_factor
         tokens = (params.height // (vsf * 2)) * (params.width // (vsf * 2))
         channels = vae.config.z_dim * 4
-        if latents.ndim != 3 or tuple(latents.shape[1:]) != (tokens, channels):
+        if latents.ndim != 3 or latents.shape[0] < 1 or tuple(latents.shape[1:]) != (tokens, channels):
             raise InvalidArgument(f"latents of shape {list(latents.shape)} do not fit {params.width}x{params.height} "
-                                  f"(expected [B, {tokens}, {channels}])")
+                                  f"(expected [B >= 1, {tokens}, {channels}])")
         with torch.inference_mode():
             x = model._unpack_latents(latents.to(vae.device), params.height, params.width, vsf).to(vae.dtype)
             z = vae.config.z_dim

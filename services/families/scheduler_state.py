@@ -15,6 +15,7 @@ Python type, so no side channel is needed:
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -27,6 +28,9 @@ STATE_ATTRIBUTES: tuple[str, ...] = (
     "sample", "prev_derivative", "dt",  # single-step / Heun-style schedulers
 )
 """Per-run attributes of diffusers schedulers that ``step`` mutates (besides ``_step_index``)."""
+
+NUMBERS: dict[str, str] = {"lower_order_nums": "int", "this_order": "int", "dt": "float"}
+"""The attributes that hold a Python number (sent as ``name#int`` / ``name#float``); every other one holds tensors."""
 
 SAMPLE_SHAPED: frozenset[str] = frozenset({"model_outputs", "last_sample", "sample", "prev_derivative"})
 """The attributes (or list items) that hold a tensor of the latents' shape: checked against the request's latents on
@@ -81,10 +85,19 @@ def import_state(scheduler: Any, tensors: dict[str, torch.Tensor], device: torch
         if not m or attr not in STATE_ATTRIBUTES:
             raise InvalidArgument(f"scheduler_state: {name!r} is not a scheduler state entry (attributes: "
                                   f"{list(STATE_ATTRIBUTES)}, list items as name.N, numbers as name#int/name#float)")
+        if (m["kind"] is not None) != (attr in NUMBERS) or (attr in NUMBERS and m["kind"] != NUMBERS[attr]):
+            what = f"a number, sent as {attr}#{NUMBERS[attr]}" if attr in NUMBERS else "tensors, not numbers"
+            raise InvalidArgument(f"scheduler_state: {name!r}: {attr} holds {what}")
         if m["kind"] is not None:
-            if tensor.numel() != 1:
-                raise InvalidArgument(f"scheduler_state: {name!r} must hold one number, got shape {list(tensor.shape)}")
+            if tensor.numel() != 1 or not math.isfinite(float(tensor.item())):
+                raise InvalidArgument(f"scheduler_state: {name!r} must hold one finite number, got "
+                                      f"{tensor.flatten()[:4].tolist()} (shape {list(tensor.shape)})")
             value: Any = int(tensor.item()) if m["kind"] == "int" else float(tensor.item())
+            order = getattr(getattr(scheduler, "config", None), "solver_order", None)
+            low = 1 if attr == "this_order" else 0
+            if attr in ("this_order", "lower_order_nums") and order is not None and not low <= value <= order:
+                raise InvalidArgument(f"scheduler_state: {name!r} = {value} must be in [{low}, {order}] (this "
+                                      f"scheduler's solver_order)")
         else:
             if latents_shape is not None and attr in SAMPLE_SHAPED and (
                     tuple(tensor.shape) != tuple(latents_shape) or not tensor.is_floating_point()):
@@ -93,6 +106,8 @@ def import_state(scheduler: Any, tensors: dict[str, torch.Tensor], device: torch
                                       f"{list(latents_shape)} (hand over the state of a run of the same size)")
             value = tensor.to(device)
         if m["index"] is None:
+            if isinstance(getattr(scheduler, attr, None), list):
+                raise InvalidArgument(f"scheduler_state: {name!r}: {attr} is a list; send its items as {attr}.N")
             setattr(scheduler, attr, value)
             continue
         current = getattr(scheduler, attr)

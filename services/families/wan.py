@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,8 +130,8 @@ class WanAdapter(FamilyAdapter):
             if len(self.expert_components()) < 2:
                 raise InvalidArgument("guidance_scale_2 is only used by two-expert checkpoints (boundary_ratio and "
                                       "transformer_2 in model_index.json); leave it unset")
-            if not params.guidance_scale_2 >= 0:
-                raise InvalidArgument(f"guidance_scale_2={params.guidance_scale_2} must be >= 0")
+            if not 0 <= params.guidance_scale_2 < math.inf:
+                raise InvalidArgument(f"guidance_scale_2={params.guidance_scale_2} must be a finite number >= 0")
 
     # -- schedule ----------------------------------------------------------------------------------------------------
     @functools.cached_property

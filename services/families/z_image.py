@@ -237,9 +237,9 @@ class ZImageAdapter(FamilyAdapter):
         vae = model.vae
         vsf = model.vae_scale_factor
         expected = (vae.config.latent_channels, params.height // vsf, params.width // vsf)
-        if latents.ndim != 4 or tuple(latents.shape[1:]) != expected:
+        if latents.ndim != 4 or latents.shape[0] < 1 or tuple(latents.shape[1:]) != expected:
             raise InvalidArgument(f"latents of shape {list(latents.shape)} do not fit {params.width}x{params.height} "
-                                  f"(expected [B, {', '.join(map(str, expected))}])")
+                                  f"(expected [B >= 1, {', '.join(map(str, expected))}])")
         with torch.inference_mode():
             x = latents.to(device=vae.device, dtype=vae.dtype)
             x = x / vae.config.scaling_factor + vae.config.shift_factor

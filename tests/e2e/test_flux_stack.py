@@ -124,6 +124,8 @@ BAD = [
     ({"prompt": "red " * 3000}, grpc.StatusCode.INVALID_ARGUMENT, "characters"),
     ({"prompt": "red circle " * 40}, grpc.StatusCode.INVALID_ARGUMENT, "tokens"),
     ({"frames": 9}, grpc.StatusCode.INVALID_ARGUMENT, "frames=9"),
+    ({"guidance_scale": float("inf")}, grpc.StatusCode.INVALID_ARGUMENT, "guidance_scale=inf must be a finite"),
+    ({"output_formats": [99]}, grpc.StatusCode.INVALID_ARGUMENT, "output_formats: unknown value(s) [99]"),
 ]
 
 
@@ -136,6 +138,18 @@ def test_bad_input_gets_actionable_status(flux_stack, fields: dict, code: grpc.S
             list(stub.Generate(generation_pb2.GenerateRequest(**req), timeout=60))
     assert info.value.code() == code, info.value.details()
     assert needle in info.value.details()
+    _good_request_succeeds(flux_stack)
+
+
+@pytest.mark.parametrize("length", [-1, 65, 2**31 - 1])
+def test_encoder_max_sequence_length_outside_the_budget_is_invalid_argument(flux_stack, length: int) -> None:
+    """The tokenizer pads to max_sequence_length: unchecked, 2**31 - 1 aborted the encoder process (the tokenizer's
+    allocation) and 100000 ran it out of memory. The tiny checkpoint's budget is 64 tokens."""
+    with grpc.insecure_channel(flux_stack.service("encoder").address) as ch, pytest.raises(grpc.RpcError) as info:
+        encoder_pb2_grpc.TextEncoderServiceStub(ch).Encode(
+            encoder_pb2.EncodeRequest(model="tiny-flux", prompt="a red circle", max_sequence_length=length), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert f"max_sequence_length={length} must be in [0, 64]" in info.value.details()
     _good_request_succeeds(flux_stack)
 
 

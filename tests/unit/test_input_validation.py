@@ -1,0 +1,107 @@
+"""Malformed but well-typed input to the stages' checks: each is INVALID_ARGUMENT naming what to fix, found by probing
+every stage with such input (before these checks each one raised inside the model or the scheduler, i.e. INTERNAL,
+or produced NaN images without an error). Real parts: the tiny checkpoints' adapters, loaded models and schedulers,
+and the VAE servicer's own header check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.config import ModelConfig
+from services.errors import InvalidArgument
+from services.families.base import SamplingParams
+from services.proto.chitu.v1 import vae_pb2
+from services.registry import load_adapter
+from services.stage import media_formats
+
+CPU = torch.device("cpu")
+
+
+def test_media_formats_default_dedupe_and_unknown_values() -> None:
+    png, mp4, raw = vae_pb2.MEDIA_FORMAT_PNG, vae_pb2.MEDIA_FORMAT_MP4, vae_pb2.MEDIA_FORMAT_RAW_RGB8
+    assert media_formats([], False, "f") == [png] and media_formats([], True, "f") == [mp4]
+    # UNSPECIFIED lets the service choose (the proto's contract), here the model's default
+    assert media_formats([vae_pb2.MEDIA_FORMAT_UNSPECIFIED, raw, raw], True, "f") == [mp4, raw]
+    with pytest.raises(InvalidArgument, match=r"output_formats: unknown value\(s\) \[99\]; use one of \['MEDIA_FORMAT_PNG'"):
+        media_formats([png, 99], False, "output_formats")
+
+
+def test_vae_header_limits(tiny_flux: Path, tiny_wan: Path) -> None:
+    from vae_svc.config import VaeServiceConfig
+    from vae_svc.server import VaeServicer
+
+    for ckpt, fields, needle in (
+            (tiny_flux, {"width": 0}, "width=0 must be a positive multiple"),
+            (tiny_flux, {"formats": [42]}, "formats: unknown value(s) [42]"),
+            (tiny_wan, {"frames": 5}, None),
+            (tiny_wan, {"frames": 9 * 4 + 1}, "frames=37 must be k*4+1 and at most 33")):
+        servicer = VaeServicer(VaeServiceConfig(model=ModelConfig(checkpoint=str(ckpt), device="cpu")))
+        try:
+            lim = servicer.adapter.limits()
+            header = vae_pb2.DecodeHeader(**{"model": ckpt.name, "width": 32, "height": 32, **fields})
+            if needle is None:
+                servicer._check(header)
+            else:
+                with pytest.raises(InvalidArgument) as err:
+                    servicer._check(header)
+                assert needle in str(err.value), err.value
+            too_wide = vae_pb2.DecodeHeader(model=ckpt.name, width=lim.max_size + lim.size_multiple, height=32)
+            with pytest.raises(InvalidArgument, match=f"at most {lim.max_size}"):
+                servicer._check(too_wide)
+        finally:
+            servicer.thread.shutdown()
+
+
+def test_flux_vae_latents_need_the_packed_channels_and_a_batch(tiny_flux: Path) -> None:
+    adapter = load_adapter(tiny_flux)
+    vae = adapter.load_vae(torch.float32, CPU)
+    params = SamplingParams(width=32, height=32, steps=1, guidance_scale=0.0, seed=0)
+    tokens = (32 // (vae.vae_scale_factor * 2)) ** 2
+    channels = vae.vae.config.latent_channels * 4
+    for shape in ((1, tokens, channels - 1), (1, tokens, 4 * channels), (0, tokens, channels)):
+        with pytest.raises(InvalidArgument, match=rf"expected \[B >= 1, {tokens}, {channels}\]"):
+            adapter.decode(vae, torch.zeros(shape), params)
+    assert adapter.decode(vae, torch.zeros(1, tokens, channels), params).shape[0] == 1
+
+
+def test_qwen_image_needs_two_steps_for_its_terminal_shift(tiny_qwen_image: Path) -> None:
+    """One step with shift_terminal divides 0 by 0 in the scheduler: NaN latents, no error, before this check."""
+    adapter = load_adapter(tiny_qwen_image)
+    assert adapter.component_config("scheduler").get("shift_terminal")
+    with pytest.raises(InvalidArgument, match="steps=1: .*shift_terminal.* needs at least 2 steps"):
+        adapter.validate_params(SamplingParams(width=32, height=32, steps=1, guidance_scale=4.0, seed=0))
+    adapter.validate_params(SamplingParams(width=32, height=32, steps=2, guidance_scale=4.0, seed=0))
+
+
+@pytest.mark.parametrize("guidance", [float("inf"), float("nan"), -1.0])
+def test_guidance_scale_must_be_finite(tiny_flux: Path, guidance: float) -> None:
+    with pytest.raises(InvalidArgument, match="must be a finite number >= 0"):
+        load_adapter(tiny_flux).validate_params(SamplingParams(32, 32, 2, guidance, 0))
+
+
+def test_scheduler_state_entries_of_the_wrong_kind_or_range(tiny_wan: Path) -> None:
+    """Wan's UniPC scheduler (solver_order 2): each entry below got past admission and failed inside the first step
+    (AssertionError, IndexError, TypeError, RuntimeError) before the kind and range checks."""
+    from tests.unit.test_wan import _denoise
+
+    adapter = load_adapter(tiny_wan)
+    enc = adapter.encode(adapter.load_encoder(torch.float32, CPU), "a red circle", None)
+    model = adapter.load_denoiser(torch.float32, CPU)
+    state = _denoise(adapter, model, enc, SamplingParams(32, 32, 2, 1.0, 0, 5), 0, 0)
+    sample = torch.zeros(*state.latents.shape)
+    for entry, needle in (
+            ({"this_order#int": torch.tensor(50)}, r"'this_order#int' = 50 must be in \[1, 2\]"),
+            ({"this_order#int": torch.tensor(0)}, r"must be in \[1, 2\]"),
+            ({"lower_order_nums#int": torch.tensor(-5)}, r"must be in \[0, 2\]"),
+            ({"lower_order_nums#int": torch.tensor(float("nan"), dtype=torch.float64)}, "one finite number"),
+            ({"this_order#float": torch.tensor(1.5, dtype=torch.float64)}, "holds a number, sent as this_order#int"),
+            ({"lower_order_nums": torch.zeros(3)}, "holds a number, sent as lower_order_nums#int"),
+            ({"last_sample#float": torch.tensor(1.0, dtype=torch.float64)}, "holds tensors, not numbers"),
+            ({"model_outputs": sample}, "model_outputs is a list; send its items as model_outputs.N")):
+        with pytest.raises(InvalidArgument, match=needle):
+            adapter.import_scheduler_state(state, entry)
+    adapter.import_scheduler_state(state, {"this_order#int": torch.tensor(2), "lower_order_nums#int": torch.tensor(1),
+                                           "last_sample": sample, "model_outputs.1": sample})
