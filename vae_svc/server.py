@@ -113,6 +113,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     def _check(self, header: vae_pb2.DecodeHeader) -> tuple[SamplingParams, list[int], float]:
         check_model(header.model, self.config.model)
         lim = self.adapter.limits()
+        if header.frames < 0:
+            raise InvalidArgument(f"frames={header.frames} must be >= 0 (0: one image, or the model's frames rule)")
         params = SamplingParams(width=header.width, height=header.height, steps=1, guidance_scale=0.0, seed=0,
                                 frames=max(header.frames, 1))
         for name, value in (("width", params.width), ("height", params.height)):

@@ -249,6 +249,9 @@ class FamilyAdapter(ABC):
             raise InvalidArgument(f"steps={params.steps} must be in [1, 1000]")
         if not 0 <= params.guidance_scale < math.inf:  # also rejects NaN
             raise InvalidArgument(f"guidance_scale={params.guidance_scale} must be a finite number >= 0")
+        if params.guidance_scale_2 is not None and lim.experts < 2:
+            raise InvalidArgument(f"guidance_scale_2 is only used by two-expert models (Wan2.2-A14B); the "
+                                  f"{self.family} checkpoint has one transformer: leave it unset")
         if lim.supports_video:
             if params.frames < 1 or (params.frames - 1) % lim.frame_multiple or params.frames > lim.max_frames:
                 raise InvalidArgument(f"frames={params.frames} must be k*{lim.frame_multiple}+1 and at most "

@@ -51,6 +51,8 @@ def _branch_conditioning(conds: dict[str, torch.Tensor], width: int, where: str
     if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
         raise InvalidArgument(f"{where}['prompt_embeds_mask'] has shape {list(mask.shape)}; expected "
                               f"{list(embeds.shape[:2])}")
+    if mask is not None and not ((mask == 0) | (mask == 1)).all():
+        raise InvalidArgument(f"{where}['prompt_embeds_mask'] must hold only 0 (padding) and 1 (token)")
     return embeds, mask
 
 

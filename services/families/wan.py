@@ -125,13 +125,9 @@ class WanAdapter(FamilyAdapter):
         )
 
     def validate_params(self, params: SamplingParams) -> None:
-        super().validate_params(params)
-        if params.guidance_scale_2 is not None:
-            if len(self.expert_components()) < 2:
-                raise InvalidArgument("guidance_scale_2 is only used by two-expert checkpoints (boundary_ratio and "
-                                      "transformer_2 in model_index.json); leave it unset")
-            if not 0 <= params.guidance_scale_2 < math.inf:
-                raise InvalidArgument(f"guidance_scale_2={params.guidance_scale_2} must be a finite number >= 0")
+        super().validate_params(params)  # refuses guidance_scale_2 for a one-transformer checkpoint
+        if params.guidance_scale_2 is not None and not 0 <= params.guidance_scale_2 < math.inf:
+            raise InvalidArgument(f"guidance_scale_2={params.guidance_scale_2} must be a finite number >= 0")
 
     # -- schedule ----------------------------------------------------------------------------------------------------
     @functools.cached_property
@@ -212,7 +208,7 @@ class WanAdapter(FamilyAdapter):
             if branch == "uncond" and not do_cfg:
                 continue
             embeds = source["prompt_embeds"]
-            if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != text_dim:
+            if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[1] < 1 or embeds.shape[2] != text_dim:
                 name = "conditionings" if branch == "cond" else "negative_conditionings"
                 raise InvalidArgument(f"{name}['prompt_embeds'] has shape {list(embeds.shape)}; expected "
                                       f"[1, tokens, {text_dim}]")

@@ -105,3 +105,43 @@ def test_scheduler_state_entries_of_the_wrong_kind_or_range(tiny_wan: Path) -> N
             adapter.import_scheduler_state(state, entry)
     adapter.import_scheduler_state(state, {"this_order#int": torch.tensor(2), "lower_order_nums#int": torch.tensor(1),
                                            "last_sample": sample, "model_outputs.1": sample})
+
+
+def test_guidance_scale_2_only_for_two_experts(tiny_flux: Path, tiny_wan: Path, tiny_wan22: Path) -> None:
+    """The one-transformer families refused it nowhere but Wan2.1 (the others ignored it silently)."""
+    params = SamplingParams(32, 32, 2, 4.0, 0, frames=5, guidance_scale_2=3.0)
+    for ckpt in (tiny_flux, tiny_wan):
+        with pytest.raises(InvalidArgument, match="guidance_scale_2 is only used by two-expert models"):
+            load_adapter(ckpt).validate_params(SamplingParams(**{**params.__dict__, "frames": 1 if ckpt == tiny_flux
+                                                                 else 5}))
+    load_adapter(tiny_wan22).validate_params(params)
+    with pytest.raises(InvalidArgument, match="guidance_scale_2=inf must be a finite number"):
+        load_adapter(tiny_wan22).validate_params(SamplingParams(**{**params.__dict__, "guidance_scale_2": float("inf")}))
+
+
+def test_text_conditioning_contents(tiny_wan: Path, tiny_qwen_image: Path) -> None:
+    """Wan prompt embeddings need at least one token; a Qwen-Image key mask holds only 0 and 1."""
+    from services.families.qwen_image import _branch_conditioning
+
+    wan = load_adapter(tiny_wan)
+    model = wan.load_denoiser(torch.float32, CPU)
+    width = model.transformer.config.text_dim
+    with pytest.raises(InvalidArgument, match=rf"'prompt_embeds'\] has shape \[1, 0, {width}\]"):
+        wan.prepare(model, SamplingParams(32, 32, 2, 1.0, 0, 5), {"prompt_embeds": torch.zeros(1, 0, width)}, {}, None,
+                    0, 2)
+    embeds = torch.zeros(1, 4, 8)
+    _branch_conditioning({"prompt_embeds": embeds, "prompt_embeds_mask": torch.tensor([[1, 1, 0, 0]])}, 8, "c")
+    with pytest.raises(InvalidArgument, match="must hold only 0 .padding. and 1 .token."):
+        _branch_conditioning({"prompt_embeds": embeds, "prompt_embeds_mask": torch.tensor([[1, 2, 0, 0]])}, 8, "c")
+
+
+def test_vae_header_negative_frames(tiny_wan: Path) -> None:
+    from vae_svc.config import VaeServiceConfig
+    from vae_svc.server import VaeServicer
+
+    servicer = VaeServicer(VaeServiceConfig(model=ModelConfig(checkpoint=str(tiny_wan), device="cpu")))
+    try:
+        with pytest.raises(InvalidArgument, match="frames=-3 must be >= 0"):
+            servicer._check(vae_pb2.DecodeHeader(model=tiny_wan.name, width=32, height=32, frames=-3))
+    finally:
+        servicer.thread.shutdown()
