@@ -56,6 +56,25 @@ def _branch_conditioning(conds: dict[str, torch.Tensor], width: int, where: str
     return embeds, mask
 
 
+def _check_text_positions(transformer: Any, branches: dict[str, tuple[torch.Tensor, Any]], params: SamplingParams,
+                          patch_pixels: int) -> None:
+    """The text tokens' rotary positions follow the image's in one fixed table (4096 rows in diffusers 0.42): the text
+    must fit after the image's largest index, or the forward fails on a shape mismatch (INTERNAL). Only prompts far
+    longer than the encoder's budget get here (a direct DenoiseRequest)."""
+    rope = getattr(transformer, "pos_embed", None)
+    table = getattr(rope, "pos_freqs", None)
+    if table is None:
+        return
+    w_tokens, h_tokens = params.width // patch_pixels, params.height // patch_pixels
+    start = max(h_tokens // 2, w_tokens // 2) if getattr(rope, "scale_rope", False) else max(h_tokens, w_tokens)
+    limit = table.shape[0] - start
+    for branch, (embeds, _mask) in branches.items():
+        if embeds.shape[1] > limit:
+            where = "conditionings" if branch == "cond" else "negative_conditionings"
+            raise InvalidArgument(f"{where}['prompt_embeds'] has {embeds.shape[1]} tokens; at most {limit} fit this "
+                                  f"model's rotary table at {params.width}x{params.height}")
+
+
 class QwenImageAdapter(FamilyAdapter):
     family = "qwen_image"
     pipeline_classes = ("QwenImagePipeline",)
@@ -151,6 +170,7 @@ class QwenImageAdapter(FamilyAdapter):
         if do_cfg:
             branches["uncond"] = _branch_conditioning(negative_conditionings, width, "negative_conditionings")
         vsf = model.vae_scale_factor
+        _check_text_positions(transformer, branches, params, vsf * 2)
         generator = torch.Generator("cpu").manual_seed(params.seed)
         latents = model.prepare_latents(1, transformer.config.in_channels // 4, params.height, params.width, dtype,
                                         device, generator, None)

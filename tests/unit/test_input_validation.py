@@ -145,3 +145,20 @@ def test_vae_header_negative_frames(tiny_wan: Path) -> None:
             servicer._check(vae_pb2.DecodeHeader(model=tiny_wan.name, width=32, height=32, frames=-3))
     finally:
         servicer.thread.shutdown()
+
+
+def test_qwen_image_text_must_fit_the_rotary_table(tiny_qwen_image: Path) -> None:
+    """The text's rotary positions follow the image's in a 4096-row table: one token more than fits failed inside
+    the forward on a shape mismatch; exactly as many as fit run."""
+    adapter = load_adapter(tiny_qwen_image)
+    model = adapter.load_denoiser(torch.float32, CPU)
+    width = model.transformer.config.joint_attention_dim
+    params = SamplingParams(width=64, height=32, steps=2, guidance_scale=1.0, seed=0)
+    tokens = 64 // (model.vae_scale_factor * 2)  # the wider side, in patches
+    limit = model.transformer.pos_embed.pos_freqs.shape[0] - tokens // 2
+    with pytest.raises(InvalidArgument, match=f"has {limit + 1} tokens; at most {limit} fit"):
+        adapter.prepare(model, params, {"prompt_embeds": torch.zeros(1, limit + 1, width)}, {}, None, 0, 2)
+    state = adapter.prepare(model, params, {"prompt_embeds": torch.zeros(1, limit, width)}, {}, None, 0, 2)
+    with torch.inference_mode():
+        out = adapter.forward(model, state, state.latents, 0, "cond")
+    assert torch.isfinite(out).all()
