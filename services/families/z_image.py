@@ -48,6 +48,21 @@ SEQ_MULTIPLE = 32
 """ZImageTransformer2DModel pads the image and the caption sequences to multiples of this (``SEQ_MULTI_OF``)."""
 
 
+def _check_text_positions(transformer: Any, branches: dict[str, torch.Tensor]) -> None:
+    """Z-Image numbers the caption's tokens 1.. along the rotary table's first axis (padded to a multiple of 32) and
+    puts the image after them: the padded caption and the image's index must fit the table (``axes_lens[0]``), or the
+    forward fails on an out-of-range index (INTERNAL). Only prompts far longer than the encoder's budget get here."""
+    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+    table = transformer.config.axes_lens[0]
+    limit = (table - 2) // SEQ_MULTI_OF * SEQ_MULTI_OF  # padded length + 1 (the image's index) < table
+    for branch, embeds in branches.items():
+        if embeds.shape[1] > limit:
+            where = "conditionings" if branch == "cond" else "negative_conditionings"
+            raise InvalidArgument(f"{where}['prompt_embeds'] has {embeds.shape[1]} tokens; at most {limit} fit this "
+                                  f"model's rotary table ({table} positions)")
+
+
 class ZImageAdapter(FamilyAdapter):
     family = "z_image"
     pipeline_classes = ("ZImagePipeline",)
@@ -128,6 +143,7 @@ class ZImageAdapter(FamilyAdapter):
                                       f"> 0 (got {params.guidance_scale:g}); encode the negative prompt ('' by default)")
             branches["uncond"] = sequence_embeds(negative_conditionings, "prompt_embeds", width,
                                                  "negative_conditionings")
+        _check_text_positions(transformer, branches)
         generator = torch.Generator("cpu").manual_seed(params.seed)
         latents = model.prepare_latents(1, transformer.in_channels, params.height, params.width, torch.float32, device,
                                         generator, None)

@@ -162,3 +162,19 @@ def test_qwen_image_text_must_fit_the_rotary_table(tiny_qwen_image: Path) -> Non
     with torch.inference_mode():
         out = adapter.forward(model, state, state.latents, 0, "cond")
     assert torch.isfinite(out).all()
+
+
+def test_z_image_text_must_fit_the_rotary_table(tiny_z_image: Path) -> None:
+    """The caption's positions (padded to 32) and the image's index after them must fit ``axes_lens[0]``: one token
+    more than fits failed inside the forward on an out-of-range index; exactly as many as fit run."""
+    adapter = load_adapter(tiny_z_image)
+    model = adapter.load_denoiser(torch.float32, CPU)
+    width = model.transformer.config.cap_feat_dim
+    limit = (model.transformer.config.axes_lens[0] - 2) // 32 * 32
+    params = SamplingParams(width=32, height=32, steps=2, guidance_scale=0.0, seed=0)
+    with pytest.raises(InvalidArgument, match=f"has {limit + 1} tokens; at most {limit} fit"):
+        adapter.prepare(model, params, {"prompt_embeds": torch.zeros(1, limit + 1, width)}, {}, None, 0, 2)
+    state = adapter.prepare(model, params, {"prompt_embeds": torch.zeros(1, limit, width)}, {}, None, 0, 2)
+    with torch.inference_mode():
+        out = adapter.forward(model, state, state.latents, 0, "cond")
+    assert torch.isfinite(out).all()
