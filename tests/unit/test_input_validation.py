@@ -147,31 +147,29 @@ def test_vae_header_negative_frames(tiny_wan: Path) -> None:
         servicer.thread.shutdown()
 
 
-def test_qwen_image_text_must_fit_the_rotary_table(tiny_qwen_image: Path) -> None:
-    """The text's rotary positions follow the image's in a 4096-row table: one token more than fits failed inside
-    the forward on a shape mismatch; exactly as many as fit run."""
-    adapter = load_adapter(tiny_qwen_image)
-    model = adapter.load_denoiser(torch.float32, CPU)
-    width = model.transformer.config.joint_attention_dim
-    params = SamplingParams(width=64, height=32, steps=2, guidance_scale=1.0, seed=0)
-    tokens = 64 // (model.vae_scale_factor * 2)  # the wider side, in patches
-    limit = model.transformer.pos_embed.pos_freqs.shape[0] - tokens // 2
-    with pytest.raises(InvalidArgument, match=f"has {limit + 1} tokens; at most {limit} fit"):
-        adapter.prepare(model, params, {"prompt_embeds": torch.zeros(1, limit + 1, width)}, {}, None, 0, 2)
-    state = adapter.prepare(model, params, {"prompt_embeds": torch.zeros(1, limit, width)}, {}, None, 0, 2)
-    with torch.inference_mode():
-        out = adapter.forward(model, state, state.latents, 0, "cond")
-    assert torch.isfinite(out).all()
+def _qwen_limit(model, params: SamplingParams) -> int:
+    """Qwen-Image: the text's positions follow the image's (half its wider side, in patches) in a 4096-row table."""
+    tokens = max(params.width, params.height) // (model.vae_scale_factor * 2)
+    return model.transformer.pos_embed.pos_freqs.shape[0] - tokens // 2
 
 
-def test_z_image_text_must_fit_the_rotary_table(tiny_z_image: Path) -> None:
-    """The caption's positions (padded to 32) and the image's index after them must fit ``axes_lens[0]``: one token
-    more than fits failed inside the forward on an out-of-range index; exactly as many as fit run."""
-    adapter = load_adapter(tiny_z_image)
+def _z_image_limit(model, params: SamplingParams) -> int:
+    """Z-Image: the caption (padded to 32) and the image's index after it must fit ``axes_lens[0]``."""
+    return (model.transformer.config.axes_lens[0] - 2) // 32 * 32
+
+
+@pytest.mark.parametrize(("family", "width_key", "limit_of", "guidance"), [
+    ("tiny_qwen_image", "joint_attention_dim", _qwen_limit, 1.0),
+    ("tiny_z_image", "cap_feat_dim", _z_image_limit, 0.0)], ids=["qwen_image", "z_image"])
+def test_text_must_fit_the_rotary_table(family: str, width_key: str, limit_of, guidance: float,
+                                        request: pytest.FixtureRequest) -> None:
+    """One token more than the rotary table holds failed inside the forward (Qwen-Image: a shape mismatch; Z-Image:
+    an out-of-range index); now refused at admission, while exactly as many as fit still run."""
+    adapter = load_adapter(request.getfixturevalue(family))
     model = adapter.load_denoiser(torch.float32, CPU)
-    width = model.transformer.config.cap_feat_dim
-    limit = (model.transformer.config.axes_lens[0] - 2) // 32 * 32
-    params = SamplingParams(width=32, height=32, steps=2, guidance_scale=0.0, seed=0)
+    width = model.transformer.config[width_key]
+    params = SamplingParams(width=64, height=32, steps=2, guidance_scale=guidance, seed=0)
+    limit = limit_of(model, params)
     with pytest.raises(InvalidArgument, match=f"has {limit + 1} tokens; at most {limit} fit"):
         adapter.prepare(model, params, {"prompt_embeds": torch.zeros(1, limit + 1, width)}, {}, None, 0, 2)
     state = adapter.prepare(model, params, {"prompt_embeds": torch.zeros(1, limit, width)}, {}, None, 0, 2)
