@@ -24,11 +24,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR",
-                   "QUACK_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED")
-"""Left out of the children's environment: only the config may point the caches (``services.runtime.KERNEL_CACHES``
-and the FA4 switch; listed here so that this script does not import the stack before it forks children)."""
-
 
 def child(checkpoint: str, device: str, dtype: str, cache: str, sets: list[str]) -> dict:
     """One start in this process: returns the seconds each phase took, inductor's counters and the runtime facts."""
@@ -56,8 +51,11 @@ def child(checkpoint: str, device: str, dtype: str, cache: str, sets: list[str])
 
 
 def start(checkpoint: Path, device: str, dtype: str, cache: Path, sets: list[str], timeout: float = 1800) -> dict:
-    """One start in a fresh process (no in-memory cache shared with an earlier one)."""
-    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES}
+    """One start in a fresh process (no in-memory cache shared with an earlier one); the compilers' cache variables
+    are left out of its environment, so only the config points the caches."""
+    from services.runtime import FLASH_ATTENTION_CACHE_SWITCH, KERNEL_CACHES
+
+    env = {k: v for k, v in os.environ.items() if k not in {*KERNEL_CACHES, FLASH_ATTENTION_CACHE_SWITCH}}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--checkpoint", str(checkpoint), "--device",
            device, "--dtype", dtype, "--cache", str(cache), *(x for s in sets for x in ("--set", s))]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -126,6 +126,8 @@ class RuntimeConfig:
 KERNEL_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
                  "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": "flash_attn_cute", "QUACK_CACHE_DIR": "quack"}
 """The compilers' cache-folder variables and the sub-folder of ``kernel_cache_dir`` each gets."""
+FLASH_ATTENTION_CACHE_SWITCH = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+"""FlashAttention-4 keeps no disk cache unless this variable is 1; ``use_kernel_cache`` sets it."""
 
 
 def use_kernel_cache(folder: str) -> dict[str, str]:
@@ -145,7 +147,7 @@ def use_kernel_cache(folder: str) -> dict[str, str]:
                 raise PermissionError(13, "Permission denied")
     except OSError as exc:
         raise ConfigError(f"runtime.kernel_cache_dir {folder!r}: cannot write {path!r} ({exc.strerror})") from None
-    env["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
+    env[FLASH_ATTENTION_CACHE_SWITCH] = "1"
     os.environ.update(env)
     late = [name for name in ("flash_attn.cute.interface", "quack.cache") if name in sys.modules]
     if late:  # e.g. a benchmark that imported them first: they keep the folders they read at import

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from services.config import ConfigError
-from services.runtime import KERNEL_CACHES, use_kernel_cache
+from services.runtime import FLASH_ATTENTION_CACHE_SWITCH, KERNEL_CACHES, use_kernel_cache
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,26 +36,15 @@ def test_second_start_loads_the_compiled_blocks_from_the_cache(tiny_flux: Path, 
     assert not second["inductor"].get("fxgraph_cache_miss"), second
 
 
-def test_startup_script_passes_no_cache_variable_of_its_own() -> None:
-    """The benchmark's children take the cache folders from the config only: its list of variables to leave out
-    covers every variable the runtime sets."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import startup
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    assert {*KERNEL_CACHES, "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"} == set(startup.CACHE_VARIABLES)
-
-
 def test_kernel_cache_sets_every_compiler_folder_and_rejects_an_unwritable_one(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in (*KERNEL_CACHES, "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"):
+    for var in (*KERNEL_CACHES, FLASH_ATTENTION_CACHE_SWITCH):
         monkeypatch.delenv(var, raising=False)  # monkeypatch restores this process's environment afterwards
     assert use_kernel_cache("") == {} and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     env = use_kernel_cache(str(tmp_path / "k"))
     for var, sub in KERNEL_CACHES.items():
         assert os.environ[var] == env[var] == str(tmp_path / "k" / sub) and (tmp_path / "k" / sub).is_dir()
-    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ[FLASH_ATTENTION_CACHE_SWITCH] == "1"
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ConfigError, match="kernel_cache_dir"):
