@@ -7,15 +7,18 @@ inputs (the registry passes ``[B, S, H, D]`` tensors as transposed views), with 
 ``--fa4-tiles`` times FlashAttention-4 with other tile shapes than its own heuristic; ``--packed`` times the exact
 kernels with v (or q, k and v) as views of one fused QKV projection output, as the model blocks hand them over;
 ``--sustained S`` calls FA4 / cuDNN back to back for S seconds (as inside a forward) against the covered timing,
-with the SM clock and power (with ``--fa4-tiles``: every tile shape that way).
+with the SM clock and power (with ``--fa4-tiles``: every tile shape that way). ``--merged`` times the cross-attention
+over merged repeated keys (``services.attention.repeated_keys``: Wan's zero-padded prompts) at several prompt lengths,
+its detection pass, and the kernel's launch configs (rows at the full 512 keys compare it with the backends above).
 
     python benchmarks/attention_kernels.py [--shapes flux,wan,wan-cross] [--reps 20] [--layouts] [--fa4-tiles]
-        [--packed] [--sustained 3]
+        [--packed] [--sustained 3] [--merged]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -201,6 +204,50 @@ def sustained_rows(shape: CallShape, seconds: float) -> list[tuple[str, float]]:
     return rows
 
 
+MERGED_CONFIGS = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+
+
+def merged_rows(shape: CallShape, reps: int, tokens: tuple[int, ...] = (512, 256, 120, 30)) -> list[tuple[str, float]]:
+    """The merged-key kernel with keys padded after ``tokens`` real rows (512: no padding, plain attention over all
+    keys): its default config, then every config of ``MERGED_CONFIGS`` at 512 and 120 tokens (the fastest three
+    printed), and the detection pass ``trailing_repeats``. Each config's output is checked against float32 attention
+    over all keys (a config that errs or exceeds 1e-2 is reported, not timed)."""
+    from services.attention.repeated_keys import kernel_config, register_cuda_kernel, trailing_repeats
+
+    launch = register_cuda_kernel()
+    q, k0, v0 = _bshd_inputs(shape)
+    rows = []
+    for n in tokens:
+        k, v = k0.clone(), v0.clone()
+        if n < k.shape[1]:
+            k[:, n:], v[:, n:] = k[:, n], v[:, n]
+        keep, log_count = trailing_repeats(k, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v)))
+        ref = ref.transpose(1, 2)
+        out = torch.empty_like(q)
+        timed = []
+        for cfg in [kernel_config(shape.q[-1])] + (MERGED_CONFIGS if n in (512, 120) else []):
+            try:
+                launch(q, k, v, keep, log_count, out, cfg)
+                err = float((out.float() - ref).norm() / ref.norm())
+                if err > 1e-2:
+                    print(f"  merged {n} tokens config {cfg}: rel err {err:.2e}, not timed", flush=True)
+                    continue
+                timed.append((_time_ms(functools.partial(launch, q, k, v, keep, log_count, out, cfg), reps), cfg, err))
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit (shared memory) is reported
+                print(f"  merged {n} tokens config {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        if not timed:
+            continue
+        ms, cfg, err = timed[0]
+        rows.append((f"merged keys, {n}-token prompt (keep {int(keep[0])}), default {cfg}, err {err:.1e}", ms))
+        for ms, cfg, err in sorted(timed[1:])[:3]:
+            rows.append((f"merged keys, {n}-token prompt, config {cfg}, err {err:.1e}", ms))
+        if n == tokens[0]:
+            rows.append(("merged keys: detection pass (trailing_repeats)",
+                         _time_ms(functools.partial(trailing_repeats, k, v), reps)))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="flux,wan,wan-cross")
@@ -210,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--packed", action="store_true", help="exact kernels with inputs as views of a fused QKV output")
     ap.add_argument("--sustained", type=float, default=0.0, help="seconds of back-to-back calls of FA4 / cuDNN, "
                     "with the SM clock and power (0: off)")
+    ap.add_argument("--merged", action="store_true", help="cross-attention over merged repeated (padded) keys")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -233,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             extra += sustained_rows(shape, args.sustained)
         if args.fa4_tiles and shape.kind == "joint":
             extra += fa4_tile_rows(shape, args.reps, args.sustained)
+        if args.merged and shape.kind == "cross":
+            extra += merged_rows(shape, args.reps)
         for label, ms in extra:
             print(f"| {key} | {label} | {ms:.3f} | {flop(shape) / ms / 1e9:.0f} | - | ok |", flush=True)
     return 0

@@ -41,6 +41,7 @@ from benchmarks.gpu_clocks import ClockSampler  # noqa: E402
 from services.attention import AttentionOps  # noqa: E402
 from services.attention.autotune import ShapeRecorder  # noqa: E402
 from services.attention.backends import AttentionSpec, BackendName, get_backend, usable_backends  # noqa: E402
+from services.attention.repeated_keys import merge_repeated_keys  # noqa: E402
 from services.attention.selection import select_kernels  # noqa: E402
 from services.gemm import clear_routes, route_linear, routes, select_gemms, start_recording  # noqa: E402
 from services.runtime import (  # noqa: E402
@@ -320,7 +321,7 @@ def write_flux_checkpoint(folder: Path, cfg: dict, size: int, text_len: int) -> 
     return folder
 
 
-def wan_case(bench: Bench, tiny: bool):
+def wan_case(bench: Bench, tiny: bool, prompt_tokens: int = 0):
     from diffusers import WanTransformer3DModel
 
     cfg = WAN_TINY if tiny else WAN_1_3B
@@ -332,6 +333,8 @@ def wan_case(bench: Bench, tiny: bool):
     gen = torch.Generator(bench.device).manual_seed(1)
     x = torch.randn(1, cfg["in_channels"], frames, h, w, generator=gen, device=bench.device, dtype=bench.dtype)
     text = torch.randn(1, text_len, cfg["text_dim"], generator=gen, device=bench.device, dtype=bench.dtype)
+    if 0 < prompt_tokens < text_len:  # a prompt as WanPipeline encodes it: zero rows after its tokens
+        text[:, prompt_tokens:] = 0
     t = torch.full((1,), 500.0, device=bench.device)
 
     def forward_on(module: torch.nn.Module) -> Callable[[], torch.Tensor]:
@@ -452,7 +455,9 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         best_attn_s += sum(mm.ms_per_forward for mm in sel.report.measurements
                            if mm.ok and not mm.lossy and mm.kind == "cross" and mm.backend == sel.get("cross").name)
         bench.facts[f"{case.name}_attention_floor_s"] = best_attn_s / 1000
-    ops = AttentionOps(joint=auto_joint.fn, cross=sel.get("cross").fn)
+    plain_ops = AttentionOps(joint=auto_joint.fn, cross=sel.get("cross").fn)
+    # ours as the worker runs it (runtime.merge_repeated_keys on): the cross-attention merges repeated trailing keys
+    ops = AttentionOps(joint=plain_ops.joint, cross=merge_repeated_keys(plain_ops.cross)) if args.merge else plain_ops
     def compiled_without(what: str) -> None:
         """Ours compiled before a fusion is applied: the fusion's effect, as one more row."""
         if wants(args, "unfused", what):
@@ -480,6 +485,9 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     for what in ABLATIONS:
         mode = "default" if args.compile_backend == "inductor" else args.compile_backend
         compiled_ablated(bench, case, m, ops, what, f"ours compiled {mode} {auto_joint.name.value}", timed, args)
+    if args.merge and wants(args, "ablate", "merge") and case.name == "wan":  # the cross-attention kernel auto chose
+        compiled_row(bench, case, m, plain_ops, f"ours compiled default {auto_joint.name.value} without merge "
+                     f"(cross-attention on {sel.get('cross').name.value}, every other fusion on)", timed, args)
     case.install(m, ops)
     with torch.inference_mode():
         exact_out = case.our_forward().float()  # the exact output lossy kernels are compared with (PSNR)
@@ -785,10 +793,15 @@ def main(argv: list[str] | None = None) -> int:
                     "unfused (ours compiled without fused QKV, then fused QKV without the fused MLP, then without the fused "
                     "q/k norm + rotation, then without the fused residual + norms), or one of them: unfused-QKV, "
                     "unfused-MLP, unfused-norm+rope, unfused-norms; ablate (ours compiled with every fusion but one, "
-                    "for each) or ablate-QKV, ablate-MLP, ablate-norm+rope, ablate-norms")
+                    "for each) or ablate-QKV, ablate-MLP, ablate-norm+rope, ablate-norms, ablate-GEMM, ablate-merge (Wan: "
+                    "the cross-attention without merging repeated keys)")
     ap.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved pair: diffusers' strongest "
                     "configuration (on a copy of the model) and ours timed in turns (0: off)")
     ap.add_argument("--wan-reps", type=int, default=5)
+    ap.add_argument("--wan-prompt-tokens", type=int, default=0, help="Wan's text: this many random rows, then zero "
+                    "rows up to 512 (as WanPipeline pads a prompt); 0: 512 random rows (no padding)")
+    ap.add_argument("--no-merge", dest="merge", action="store_false", help="ours without merging repeated "
+                    "cross-attention keys (runtime.merge_repeated_keys: false)")
     ap.add_argument("--gemm", default="auto", choices=("auto", "cublas", "quack"),
                     help="runtime.gemm_backend for ours (services.gemm)")
     ap.add_argument("--modes", default="default,reduce-overhead,max-autotune-no-cudagraphs",
@@ -818,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "flux":
                     case, extra = flux_case(bench, args.tiny, Path(tmp))
                 else:
-                    case, extra = wan_case(bench, args.tiny), None
+                    case, extra = wan_case(bench, args.tiny, args.wan_prompt_tokens), None
                 run_case(bench, case, False, extra, args)
             except Exception:  # noqa: BLE001 - the other model still runs; the failure is in the log
                 if args.tiny:

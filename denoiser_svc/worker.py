@@ -8,6 +8,7 @@ wraps the kernels in the sequence-parallel attention (Ulysses / Ring / USP)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from denoiser_svc.runner import ModelRunner
 from denoiser_svc.types import DenoiseJob, FinishedRequest
 from services.attention import LOCAL_SDPA, AttentionOps
 from services.attention.backends import Backend
+from services.attention.repeated_keys import merge_repeated_keys
 from services.attention.selection import KernelSelection, select_kernels
 from services.errors import FailedPrecondition
 from services.families.base import DenoiseState, SamplingParams, resolve_device, resolve_dtype
@@ -127,6 +129,8 @@ class Worker:
             self.runtime_facts["fused_norm_rope_modules"] = str(fuse_norm_rope(self.transformer_of(model)))
         if self.config.runtime.fuse_norms:
             self.runtime_facts["fused_norm_blocks"] = str(fuse_norms(self.transformer_of(model)))
+        if self.config.runtime.merge_repeated_keys:
+            self.runtime_facts["merge_repeated_keys"] = "on"
         self.attention_modules = self.adapter.install_attention(model, self.attention_ops())
         cache = FlexCache(self.adapter, model, self.config.component, self.cache_reducer())
         self.runner = ModelRunner(self.adapter, model, self.groups, self.sharder, cache)
@@ -169,9 +173,11 @@ class Worker:
 
     def attention_ops(self) -> AttentionOps:
         """The attention calls this rank's processors make (kernel backend; sequence-parallel wrappers)."""
-        if self.kernels is None:
-            return self.parallel_ops(LOCAL_SDPA)
-        return self.parallel_ops(AttentionOps(joint=self.kernels.get("joint").fn, cross=self.kernels.get("cross").fn))
+        base = LOCAL_SDPA if self.kernels is None else AttentionOps(joint=self.kernels.get("joint").fn,
+                                                                     cross=self.kernels.get("cross").fn)
+        if self.config.runtime.merge_repeated_keys:
+            base = dataclasses.replace(base, cross=merge_repeated_keys(base.cross))
+        return self.parallel_ops(base)
 
     def warmup_job(self) -> DenoiseJob | None:
         """A two-step request at the model's default size with synthetic conditioning (None if the family

@@ -67,6 +67,10 @@ class RuntimeConfig:
     fuse_norms: bool = True
     """Compute each block's residual add, layer norm and modulation in one Triton kernel on CUDA (Flux.1 and Wan;
     ``services.ada_norm``)."""
+    merge_repeated_keys: bool = True
+    """Cross-attention over keys whose last rows repeat (Wan's zero-padded prompt embeddings) runs over one merged key
+    with its logit raised by ln(count): exact, and a prompt of L tokens costs L + 1 keys instead of 512
+    (``services.attention.repeated_keys``; a Triton kernel on CUDA, float32 SDPA elsewhere)."""
     compile: Literal["auto", "on", "off"] | bool = "auto"
     """Regional ``torch.compile`` of the repeated transformer blocks; ``auto`` is on for CUDA, off on the CPU.
     (YAML reads a bare on/off as true/false: both spellings are accepted.)"""

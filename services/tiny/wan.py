@@ -46,7 +46,8 @@ _WAN_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_bloc
 
 def tiny_configs(two_experts: bool = False, max_sequence_length: int = 64) -> dict[str, Any]:
     """Toy sizes of every component: a 32x32 x 5-frame video runs 3 steps in well under a second on a CPU."""
-    transformer = {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+    # head dim 16: the smallest the GPU kernels take (power-of-two head dims: norm_rope, merged cross-attention)
+    transformer = {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
                    "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2,
                    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 64}
     return {

@@ -113,9 +113,10 @@ def test_auto_chooses_an_exact_kernel_on_real_shapes() -> None:
         assert f"attention_{kind}_timings" in meta
 
 
-def run_worker(checkpoint, runtime, steps: int = 4) -> tuple[torch.Tensor, dict]:
+def run_worker(checkpoint, runtime, steps: int = 4, conditionings=None) -> tuple[torch.Tensor, dict]:
     """A CUDA bf16 worker on ``checkpoint`` with ``runtime``: start-up (auto kernels, compile, warm-up), then one
-    request of ``steps`` steps; returns its latents (float32) and the worker's runtime facts."""
+    request of ``steps`` steps (with ``conditionings`` = (cond, uncond) instead of the warm-up's, if given); returns
+    its latents (float32) and the worker's runtime facts."""
     from denoiser_svc.config import DenoiserServiceConfig
     from denoiser_svc.worker import Worker
     from services.config import ModelConfig
@@ -128,6 +129,8 @@ def run_worker(checkpoint, runtime, steps: int = 4) -> tuple[torch.Tensor, dict]
     job = worker.warmup_job()
     worker.compile_or_warm_up_model(job)
     job.request_id, job.end_step = "r", steps
+    if conditionings is not None:
+        job.conditionings, job.negative_conditionings = conditionings
     job.params = type(job.params)(**{**job.params.__dict__, "steps": steps})
     worker.add_request(job)
     for step in range(steps):
@@ -219,3 +222,91 @@ def test_split_output_projection_accumulates_in_place() -> None:
     copies = [e for e in prof.events() if "Memcpy DtoD" in e.name]
     assert not copies, [e.name for e in copies]
     assert float((out.float() - ref * 0.5).norm() / (ref * 0.5).norm()) < 1e-2
+
+
+def _padded_kv(b, s_k, h, d, real, dtype=torch.bfloat16, fused=False):
+    """k, v ``[b, s_k, h, d]`` whose rows from ``real[i]`` on repeat one pair, as Wan's zero-padded text gives them;
+    ``fused``: both are views of one ``[b, s_k, 2 * h * d]`` projection output (the fused K/V GEMM's layout)."""
+    g = torch.Generator(DEV).manual_seed(7)
+    kv = torch.randn(b, s_k, 2 * h * d, generator=g, device=DEV, dtype=dtype)
+    for i, n in enumerate(real):
+        if n < s_k:
+            kv[i, n:] = kv[i, n]
+    k, v = kv.chunk(2, dim=-1)
+    k, v = k.unflatten(2, (h, d)), v.unflatten(2, (h, d))
+    return (k, v) if fused else (k.contiguous(), v.contiguous())
+
+
+@pytest.mark.parametrize("q_len,heads,dim,real,dtype,fused", [
+    (3000, 12, 128, [100], torch.bfloat16, True),    # Wan's cross-attention (fused K/V views), a 100-token prompt
+    (3000, 12, 128, [512], torch.bfloat16, False),   # no padding: plain attention over all 512 keys
+    (777, 4, 128, [0, 63], torch.bfloat16, False),   # every key the same (keep 1); keep 64 = one full key tile
+    (1000, 8, 64, [64, 511], torch.float16, True),   # keep 65 (one key past a tile); keep 512 (run of one)
+    (129, 2, 256, [1, 300], torch.bfloat16, False),  # head dim 256; a query tile and one row
+])
+def test_merged_attention_kernel_equals_attention_over_every_key(q_len, heads, dim, real, dtype, fused) -> None:
+    """The Triton kernel (``chitu::merged_attention``) vs float32 attention over *all* keys: as close as the exact
+    bf16 kernels (1e-2, the module's bound) and never further than 1.5x cuDNN/PyTorch SDPA's own error on the same
+    inputs; the merged keep is what the padding implies."""
+    from services.attention.repeated_keys import kernel_fits, merged_attention, trailing_repeats
+
+    k, v = _padded_kv(len(real), 512, heads, dim, real, dtype, fused)
+    q = torch.randn(len(real), q_len, heads, dim, device=DEV, dtype=dtype, generator=torch.Generator(DEV).manual_seed(8))
+    keep, log_count = trailing_repeats(k, v)
+    assert keep.tolist() == [min(n + 1, 512) for n in real]
+    assert kernel_fits(q, k, v)
+    out = merged_attention(q, k, v, keep, log_count)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v)))
+    ref = ref.transpose(1, 2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    err = float((out.float() - ref).norm() / ref.norm())
+    sdpa_err = float((sdpa.float() - ref).norm() / ref.norm())
+    print(f"merged attention {q_len}x{heads}x{dim} real={real}: rel err {err:.2e} (SDPA {sdpa_err:.2e})")
+    assert err < 1e-2 and err <= 1.5 * sdpa_err + 1e-4, (err, sdpa_err)
+
+
+def test_merged_attention_compiles_once_for_every_prompt_length() -> None:
+    """Compiled (inductor, CUDA graphs) around the wrapper: the detection runs inside the graph, the kernel is an
+    opaque op, and prompts of other lengths (other keep values, same shapes) replay without a recompile and give the
+    eager result."""
+    from services.attention import sdpa_attention
+    from services.attention.repeated_keys import merge_repeated_keys
+
+    cross = merge_repeated_keys(sdpa_attention)
+
+    def f(q, k, v):
+        return cross(q * 1.0, k, v, None) * 2.0
+
+    compiled = torch.compile(f, mode="reduce-overhead")
+    q = torch.randn(1, 2000, 12, 128, device=DEV, dtype=torch.bfloat16)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (30, 30, 200, 512, 1):
+            k, v = _padded_kv(1, 512, 12, 128, [n])
+            torch.compiler.cudagraph_mark_step_begin()
+            got = compiled(q, k, v).clone()
+            torch.testing.assert_close(got, f(q, k, v), atol=2e-2, rtol=2e-2)
+
+
+def test_worker_merges_padded_wan_prompts(tiny_wan) -> None:
+    """The compiled bf16 worker on the tiny Wan with a zero-padded prompt (as WanPipeline encodes one): merged
+    (default) vs attention over every key (``merge_repeated_keys: false``), both compiled with CUDA graphs, agree
+    within the worker tests' bf16 bound. (The tiny Wan's head dim, 16, is one the Triton kernel takes, so on CUDA
+    bf16 the merged worker runs it, not the float32 fallback.)"""
+    from services.registry import load_adapter
+    from services.runtime import RuntimeConfig
+
+    adapter = load_adapter(tiny_wan)
+    assert adapter.transformer_config()["attention_head_dim"] in (16, 32, 64, 128, 256)
+    budget, dim = adapter.max_sequence_length, adapter.transformer_config()["text_dim"]
+    g = torch.Generator().manual_seed(4)
+    cond = torch.zeros(1, budget, dim)
+    cond[:, :5] = torch.randn(1, 5, dim, generator=g)
+    uncond = torch.zeros(1, budget, dim)
+    uncond[:, :1] = torch.randn(1, 1, dim, generator=g)
+    conds = ({"prompt_embeds": cond}, {"prompt_embeds": uncond})
+    merged, facts = run_worker(tiny_wan, RuntimeConfig(cuda_graphs=True), conditionings=conds)
+    full, full_facts = run_worker(tiny_wan, RuntimeConfig(cuda_graphs=True, merge_repeated_keys=False),
+                                  conditionings=conds)
+    assert facts["merge_repeated_keys"] == "on" and "merge_repeated_keys" not in full_facts
+    err = float((merged - full).norm() / full.norm())
+    assert err < 2e-2, err
