@@ -457,7 +457,8 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         bench.facts[f"{case.name}_attention_floor_s"] = best_attn_s / 1000
     plain_ops = AttentionOps(joint=auto_joint.fn, cross=sel.get("cross").fn)
     # ours as the worker runs it (runtime.merge_repeated_keys on): the cross-attention merges repeated trailing keys
-    ops = AttentionOps(joint=plain_ops.joint, cross=merge_repeated_keys(plain_ops.cross)) if args.merge else plain_ops
+    merged_cross = merge_repeated_keys(plain_ops.cross, args.merged_config)
+    ops = AttentionOps(joint=plain_ops.joint, cross=merged_cross) if args.merge else plain_ops
     def compiled_without(what: str) -> None:
         """Ours compiled before a fusion is applied: the fusion's effect, as one more row."""
         if wants(args, "unfused", what):
@@ -802,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
                     "rows up to 512 (as WanPipeline pads a prompt); 0: 512 random rows (no padding)")
     ap.add_argument("--no-merge", dest="merge", action="store_false", help="ours without merging repeated "
                     "cross-attention keys (runtime.merge_repeated_keys: false)")
+    ap.add_argument("--merged-config", default="", help="the merged-key kernel's BLOCK_M,BLOCK_N,warps,stages "
+                    "(default: services.attention.repeated_keys.kernel_config)")
     ap.add_argument("--gemm", default="auto", choices=("auto", "cublas", "quack"),
                     help="runtime.gemm_backend for ours (services.gemm)")
     ap.add_argument("--modes", default="default,reduce-overhead,max-autotune-no-cudagraphs",
@@ -812,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="markdown file the rows are appended to ('' = none)")
     ap.add_argument("--out", default="", help="folder for single_gpu.json")
     args = ap.parse_args(argv)
+    args.merged_config = tuple(int(x) for x in args.merged_config.split(",")) if args.merged_config else None
     device = torch.device(args.device)
     args.compile_backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

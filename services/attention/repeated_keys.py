@@ -75,26 +75,27 @@ def kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                     log_count: torch.Tensor) -> torch.Tensor:
+                     log_count: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Attention of ``q`` over the first ``keep[b]`` keys of ``k``/``v`` (``[B, S, H, D]``), the last of them with
-    ``log_count[b]`` added to its logit; softmax scale ``1 / sqrt(D)``. See the module doc."""
+    ``log_count[b]`` added to its logit; softmax scale ``1 / sqrt(D)``. ``config``: the kernel's (BLOCK_M, BLOCK_N,
+    warps, stages), by default ``kernel_config``. See the module doc."""
     if kernel_fits(q, k, v):
         if not torch.compiler.is_compiling():
             register_cuda_kernel()  # a compiled caller registered it before compiling (the wrapper does)
-        return torch.ops.chitu.merged_attention(q, k, v, keep, log_count)
+        return torch.ops.chitu.merged_attention(q, k, v, keep, log_count, list(config or kernel_config(q.shape[-1])))
     return merged_attention_reference(q, k, v, keep, log_count)
 
 
-def merge_repeated_keys(cross: AttentionFn) -> AttentionFn:
+def merge_repeated_keys(cross: AttentionFn, config: tuple[int, int, int, int] | None = None) -> AttentionFn:
     """``cross`` with repeated trailing keys merged (``runtime.merge_repeated_keys``); calls with a key mask run
-    ``cross`` itself."""
+    ``cross`` itself. ``config``: the Triton kernel's launch config (default ``kernel_config``)."""
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
         if key_mask is not None:
             return cross(q, k, v, key_mask)
         keep, log_count = trailing_repeats(k, v)
-        return merged_attention(q, k, v, keep, log_count)
+        return merged_attention(q, k, v, keep, log_count, config)
 
     if torch.cuda.is_available():
         register_cuda_kernel()
@@ -128,6 +129,7 @@ def register_cuda_kernel():
         h = (bh % heads).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         d = tl.arange(0, D)
+        n = tl.arange(0, BLOCK_N)
         row_live = rows < seq_q
         q = tl.load(q_ptr + b * q_sb + h * q_sh + rows.to(tl.int64)[:, None] * q_ss + d[None, :],
                     mask=row_live[:, None], other=0.0)
@@ -136,22 +138,32 @@ def register_cuda_kernel():
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        k_base = k_ptr + b * k_sb + h * k_sh
-        v_base = v_ptr + b * v_sb + h * v_sh
-        for start in range(0, keep, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            live = cols < keep
-            kt = tl.load(k_base + cols.to(tl.int64)[None, :] * k_ss + d[:, None], mask=live[None, :], other=0.0)
-            s = tl.dot(q, kt) * qk_scale
-            s = s + tl.where(cols == keep - 1, tail, 0.0)[None, :]
-            s = tl.where(live[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+        k_ptrs = k_ptr + b * k_sb + h * k_sh + n.to(tl.int64)[:, None] * k_ss + d[None, :]
+        v_ptrs = v_ptr + b * v_sb + h * v_sh + n.to(tl.int64)[:, None] * v_ss + d[None, :]
+        # the key tiles before the one holding the representative (index keep - 1): no mask, no bias
+        last_tile = (keep - 1) // BLOCK_N * BLOCK_N
+        for start in range(0, last_tile, BLOCK_N):
+            k = tl.load(k_ptrs + start * k_ss)
+            s = tl.dot(q, tl.trans(k))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + cols.to(tl.int64)[:, None] * v_ss + d[None, :], mask=live[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            v = tl.load(v_ptrs + start * v_ss)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
+        # the last tile: keys past the representative masked, ln n added to its logit
+        cols = last_tile + n
+        live = cols < keep
+        k = tl.load(k_ptrs + last_tile * k_ss, mask=live[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(cols == keep - 1, tail, 0.0)[None, :]
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs + last_tile * v_ss, mask=live[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * o_sb + h * o_sh + rows.to(tl.int64)[:, None] * o_ss + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_live[:, None])
@@ -170,14 +182,14 @@ def register_cuda_kernel():
             num_stages=stages)
 
     @torch.library.custom_op("chitu::merged_attention", mutates_args=())
-    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-           log_count: torch.Tensor) -> torch.Tensor:
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, log_count: torch.Tensor,
+           config: list[int]) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        launch(q, k, v, keep.to(torch.int32), log_count.to(torch.float32), out)
+        launch(q, k, v, keep.to(torch.int32), log_count.to(torch.float32), out, tuple(config))
         return out
 
     @op.register_fake
-    def _(q, k, v, keep, log_count):
+    def _(q, k, v, keep, log_count, config):
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     return launch
