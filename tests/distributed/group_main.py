@@ -33,6 +33,7 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str, device: 
         dtype: str = "float32") -> None:
     from denoiser_svc.config import DenoiserServiceConfig
     from denoiser_svc.parallel.groups import ParallelGroups
+    from denoiser_svc.parallel.launch import destroy_group
     from denoiser_svc.worker import Worker
     from services.config import load_config
     from services.runtime import graph_breaks
@@ -76,7 +77,12 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str, device: 
         worker.shutdown()
         dist.barrier()
         print(f"case {case['name']}: {time.perf_counter() - t0:.1f} s", flush=True)
-    dist.destroy_process_group()
+    # bounded, as a serving rank's: after NCCL ran inside CUDA graphs destroy_process_group may never return (it had
+    # kept a finished 2-GPU case waiting for the pool's 900 s timeout); every result is on disk by now
+    if not destroy_group(timeout=10.0):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def rank_main(spec: Path, out: Path, rank: int, world: int, master: str, device: str, dtype: str) -> None:
