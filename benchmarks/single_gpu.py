@@ -456,7 +456,7 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
                            if mm.ok and not mm.lossy and mm.kind == "cross" and mm.backend == sel.get("cross").name)
         bench.facts[f"{case.name}_attention_floor_s"] = best_attn_s / 1000
     plain_ops = AttentionOps(joint=auto_joint.fn, cross=sel.get("cross").fn)
-    # ours as the worker runs it (runtime.merge_repeated_keys on): the cross-attention merges repeated trailing keys
+    # --merge: ours with runtime.merge_repeated_keys on (the cross-attention merges repeated trailing keys)
     merged_cross = merge_repeated_keys(plain_ops.cross, args.merged_config)
     ops = AttentionOps(joint=plain_ops.joint, cross=merged_cross) if args.merge else plain_ops
     def compiled_without(what: str) -> None:
@@ -794,15 +794,15 @@ def main(argv: list[str] | None = None) -> int:
                     "unfused (ours compiled without fused QKV, then fused QKV without the fused MLP, then without the fused "
                     "q/k norm + rotation, then without the fused residual + norms), or one of them: unfused-QKV, "
                     "unfused-MLP, unfused-norm+rope, unfused-norms; ablate (ours compiled with every fusion but one, "
-                    "for each) or ablate-QKV, ablate-MLP, ablate-norm+rope, ablate-norms, ablate-GEMM, ablate-merge (Wan: "
+                    "for each) or ablate-QKV, ablate-MLP, ablate-norm+rope, ablate-norms, ablate-GEMM, ablate-merge (Wan with --merge: "
                     "the cross-attention without merging repeated keys)")
     ap.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved pair: diffusers' strongest "
                     "configuration (on a copy of the model) and ours timed in turns (0: off)")
     ap.add_argument("--wan-reps", type=int, default=5)
     ap.add_argument("--wan-prompt-tokens", type=int, default=0, help="Wan's text: this many random rows, then zero "
                     "rows up to 512 (as WanPipeline pads a prompt); 0: 512 random rows (no padding)")
-    ap.add_argument("--no-merge", dest="merge", action="store_false", help="ours without merging repeated "
-                    "cross-attention keys (runtime.merge_repeated_keys: false)")
+    ap.add_argument("--merge", action="store_true", help="ours merging repeated cross-attention keys "
+                    "(runtime.merge_repeated_keys: true; off by default, as in the runtime)")
     ap.add_argument("--merged-config", default="", help="the merged-key kernel's BLOCK_M,BLOCK_N,warps,stages "
                     "(default: services.attention.repeated_keys.kernel_config)")
     ap.add_argument("--gemm", default="auto", choices=("auto", "cublas", "quack"),

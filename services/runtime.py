@@ -67,10 +67,13 @@ class RuntimeConfig:
     fuse_norms: bool = True
     """Compute each block's residual add, layer norm and modulation in one Triton kernel on CUDA (Flux.1 and Wan;
     ``services.ada_norm``)."""
-    merge_repeated_keys: bool = True
+    merge_repeated_keys: bool = False
     """Cross-attention over keys whose last rows repeat (Wan's zero-padded prompt embeddings) runs over one merged key
     with its logit raised by ln(count): exact, and a prompt of L tokens costs L + 1 keys instead of 512
-    (``services.attention.repeated_keys``; a Triton kernel on CUDA, float32 SDPA elsewhere)."""
+    (``services.attention.repeated_keys``; a Triton kernel on CUDA, float32 SDPA elsewhere). Off by default: on an
+    H200 (2026-11-28) the Triton kernel took 0.135 ms for a 120-token prompt against cuDNN's 0.193 ms over all 512
+    keys, but 0.336 ms for a 512-token one, and whole Wan2.1-1.3B forwards moved by -0.4 ms (120 tokens) and +8 ms
+    (512 tokens): see docs/performance.md."""
     compile: Literal["auto", "on", "off"] | bool = "auto"
     """Regional ``torch.compile`` of the repeated transformer blocks; ``auto`` is on for CUDA, off on the CPU.
     (YAML reads a bare on/off as true/false: both spellings are accepted.)"""

@@ -289,7 +289,7 @@ def test_merged_attention_compiles_once_for_every_prompt_length() -> None:
 
 def test_worker_merges_padded_wan_prompts(tiny_wan) -> None:
     """The compiled bf16 worker on the tiny Wan with a zero-padded prompt (as WanPipeline encodes one): merged
-    (default) vs attention over every key (``merge_repeated_keys: false``), both compiled with CUDA graphs, agree
+    (``merge_repeated_keys: true``) vs attention over every key (the default), both compiled with CUDA graphs, agree
     within the worker tests' bf16 bound. (The tiny Wan's head dim, 16, is one the Triton kernel takes, so on CUDA
     bf16 the merged worker runs it, not the float32 fallback.)"""
     from services.registry import load_adapter
@@ -304,7 +304,8 @@ def test_worker_merges_padded_wan_prompts(tiny_wan) -> None:
     uncond = torch.zeros(1, budget, dim)
     uncond[:, :1] = torch.randn(1, 1, dim, generator=g)
     conds = ({"prompt_embeds": cond}, {"prompt_embeds": uncond})
-    merged, facts = run_worker(tiny_wan, RuntimeConfig(cuda_graphs=True), conditionings=conds)
+    merged, facts = run_worker(tiny_wan, RuntimeConfig(cuda_graphs=True, merge_repeated_keys=True),
+                               conditionings=conds)
     full, full_facts = run_worker(tiny_wan, RuntimeConfig(cuda_graphs=True, merge_repeated_keys=False),
                                   conditionings=conds)
     assert facts["merge_repeated_keys"] == "on" and "merge_repeated_keys" not in full_facts
