@@ -72,8 +72,8 @@ class RuntimeConfig:
     with its logit raised by ln(count): exact, and a prompt of L tokens costs L + 1 keys instead of 512
     (``services.attention.repeated_keys``; a Triton kernel on CUDA, float32 SDPA elsewhere). Off by default: on an
     H200 (2026-11-28) the Triton kernel took 0.135 ms for a 120-token prompt against cuDNN's 0.193 ms over all 512
-    keys, but 0.336 ms for a 512-token one, and whole Wan2.1-1.3B forwards moved by -0.4 ms (120 tokens) and +8 ms
-    (512 tokens): see docs/performance.md."""
+    keys, but 0.336 ms for a 512-token one, and whole Wan2.1-1.3B forwards moved by -0.4 ms (120 tokens) and +3 to
+    +8 ms (512 tokens): see docs/performance.md."""
     compile: Literal["auto", "on", "off"] | bool = "auto"
     """Regional ``torch.compile`` of the repeated transformer blocks; ``auto`` is on for CUDA, off on the CPU.
     (YAML reads a bare on/off as true/false: both spellings are accepted.)"""
