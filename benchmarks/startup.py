@@ -100,14 +100,15 @@ def main() -> None:
         ind = r["inductor"]
         rows.append(f"| {name} | {r['load_seconds']:.1f} | {r['warmup_seconds']:.1f} | "
                     f"{ind.get('fxgraph_cache_hit', 0)} / {ind.get('fxgraph_cache_miss', 0)} | "
-                    f"{r['facts'].get('attention_auto_seconds', '-')} | {r['facts'].get('gemm_select_seconds', '-')} |")
+                    f"{r['facts'].get('attention_auto_seconds', '-')} ({r['facts'].get('attention_source', '-')}) | "
+                    f"{r['facts'].get('gemm_select_seconds', '-')} |")
     ratio = cold["warmup_seconds"] / max(warm["warmup_seconds"], 1e-9)
     if args.json:
         Path(args.json).write_text(json.dumps({"cold": cold, "warm": warm}))
     table = "\n".join([f"### Start-up: {checkpoint.name} on {args.device} ({datetime.date.today()}), "
                        f"overrides {args.sets or 'none'}", "",
                        "| start | load s | kernels + compile + warm-up s | inductor graph cache hits / misses | "
-                       "attention auto s | GEMM selection s |", "|---|---|---|---|---|---|", *rows, "",
+                       "attention auto s (source) | GEMM selection s |", "|---|---|---|---|---|---|", *rows, "",
                        f"warm-up from the cache: {ratio:.2f}x faster", ""])
     print(table)
     if args.results:

@@ -96,6 +96,10 @@ class RuntimeConfig:
     outlives the process (the Helm chart mounts one), a restart or a new replica loads what an earlier start compiled
     instead of compiling it again. Empty: each library's default (inductor, Triton and QuACK under /tmp or the home
     folder, lost with the container; FlashAttention-4 keeps no disk cache)."""
+    auto_cache: bool = True
+    """With ``kernel_cache_dir`` set: keep ``auto``'s attention choice there and reuse it at a later start on the same
+    kind of card with the same software and call shapes, skipping the timing (``services.attention.selection``).
+    Off: time the kernels at every start."""
 
     def validate(self) -> None:
         from services.attention.backends import AUTO, BackendError, parse_name

@@ -34,6 +34,12 @@ def test_second_start_loads_the_compiled_blocks_from_the_cache(tiny_flux: Path, 
     assert any((cache / "inductor").rglob("*")), "inductor wrote nothing into the configured folder"
     assert second["inductor"].get("fxgraph_cache_hit", 0) == first["inductor"]["fxgraph_cache_miss"], second
     assert not second["inductor"].get("fxgraph_cache_miss"), second
+    # auto's attention choice: timed by the first start, read from the folder by the second
+    assert first["facts"]["attention_source"] == "auto", first["facts"]
+    assert second["facts"]["attention_source"] == "auto (cached)", second["facts"]
+    assert second["facts"]["attention_joint_backend"] == first["facts"]["attention_joint_backend"]
+    assert second["facts"]["attention_auto_timed_seconds"] == first["facts"]["attention_auto_seconds"]
+    assert list((cache / "attention_auto").glob("*.json")), "no auto choice stored"
 
 
 def test_kernel_cache_sets_every_compiler_folder_and_rejects_an_unwritable_one(tmp_path: Path,
