@@ -794,8 +794,8 @@ def main(argv: list[str] | None = None) -> int:
                     "unfused (ours compiled without fused QKV, then fused QKV without the fused MLP, then without the fused "
                     "q/k norm + rotation, then without the fused residual + norms), or one of them: unfused-QKV, "
                     "unfused-MLP, unfused-norm+rope, unfused-norms; ablate (ours compiled with every fusion but one, "
-                    "for each) or ablate-QKV, ablate-MLP, ablate-norm+rope, ablate-norms, ablate-GEMM, ablate-merge (Wan with --merge: "
-                    "the cross-attention without merging repeated keys)")
+                    "for each) or ablate-QKV, ablate-MLP, ablate-norm+rope, ablate-norms, ablate-GEMM, ablate-merge "
+                    "(Wan with --merge: the cross-attention without merging repeated keys)")
     ap.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved pair: diffusers' strongest "
                     "configuration (on a copy of the model) and ours timed in turns (0: off)")
     ap.add_argument("--wan-reps", type=int, default=5)

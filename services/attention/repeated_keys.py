@@ -24,10 +24,10 @@ What it is worth, measured on an H200 (2026-11-28, ``benchmarks/attention_kernel
 cross-attention, 32760 queries x 12 heads x 128): cuDNN over all 512 keys 0.193 ms a call; this kernel 0.135 ms for a
 120-token prompt, 0.336 ms for a 512-token one (Triton's flash attention runs at ~310 TFLOP/s where cuDNN's reaches
 ~535); the detection pass 0.043 ms eager. Whole compiled forwards: -0.4 ms (120 tokens) and +3 to +8 ms (512
-tokens) of ~450 ms. The time of a call does not fall with the keys as far as the FLOPs do: reading the queries and writing the
-output (200 MB) stays. So ``runtime.merge_repeated_keys`` is off by default; a faster kernel (FlashAttention-4 with
-``seqused_k`` and a ``score_mod`` adding the bias) would change that. The keys are checked, not assumed: any prompt
-embedding (padded or not, by any encoder) gets exactly its own attention.
+tokens) of ~450 ms. The time of a call does not fall with the keys as far as the FLOPs do: reading the queries and
+writing the output (200 MB) stays. So ``runtime.merge_repeated_keys`` is off by default; a faster kernel
+(FlashAttention-4 with ``seqused_k`` and a ``score_mod`` adding the bias) would change that. The keys are checked,
+not assumed: any prompt embedding (padded or not, by any encoder) gets exactly its own attention.
 """
 
 from __future__ import annotations

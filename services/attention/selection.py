@@ -5,8 +5,8 @@
 the software that decides the timings (torch, CUDA, cuDNN and the versions of the kernel packages: Triton,
 FlashAttention 2/3/4, SageAttention, the CuTe DSL), the recorded call shapes and auto's settings (bounds, minimum gain,
 lossy switch, log-sum-exp need). A restart or a new replica on the same kind of card then skips the timing: on an
-H200 it took 25-28 s of a tiny Flux worker's 31-38 s start-up (2026-11-28, ``benchmarks/startup.py``), most of it
-FlashAttention-4 and SageAttention compiling kernels that the model may never use. A cached choice whose backend
+H200 it took 25-28 s of a tiny Flux worker's 31-38 s start-up (2026-11-28, ``benchmarks/startup.py``; not profiled:
+FlashAttention-4's and SageAttention's first-call compilation of every candidate kernel is the likely part). A cached choice whose backend
 cannot run here (a constraint no longer holds) or a file that does not parse is ignored and the timing runs again.
 """
 

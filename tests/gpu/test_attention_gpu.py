@@ -251,7 +251,8 @@ def test_merged_attention_kernel_equals_attention_over_every_key(q_len, heads, d
     from services.attention.repeated_keys import kernel_fits, merged_attention, trailing_repeats
 
     k, v = _padded_kv(len(real), 512, heads, dim, real, dtype, fused)
-    q = torch.randn(len(real), q_len, heads, dim, device=DEV, dtype=dtype, generator=torch.Generator(DEV).manual_seed(8))
+    q = torch.randn(len(real), q_len, heads, dim, device=DEV, dtype=dtype,
+                    generator=torch.Generator(DEV).manual_seed(8))
     keep, log_count = trailing_repeats(k, v)
     assert keep.tolist() == [min(n + 1, 512) for n in real]
     assert kernel_fits(q, k, v)
