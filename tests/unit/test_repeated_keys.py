@@ -153,23 +153,16 @@ def test_wan_padded_prompts_merge_and_give_the_same_video(tiny_wan: Path) -> Non
 def test_worker_config_turns_the_merge_on(tiny_wan: Path) -> None:
     """``runtime.merge_repeated_keys: true`` reaches the worker's cross-attention (compiled blocks included) and gives
     the default worker's latents on a real padded prompt to float32 rounding; the default leaves it off."""
-    from denoiser_svc.config import DenoiserServiceConfig
     from denoiser_svc.types import DenoiseJob
-    from denoiser_svc.worker import Worker
-    from services.config import ModelConfig
     from services.runtime import RuntimeConfig
+    from tests.workers import start_worker
 
     adapter = load_adapter(tiny_wan)
     enc = adapter.encode(adapter.load_encoder(torch.float32, CPU), "a blue square", "")
     params = SamplingParams(width=32, height=32, steps=2, guidance_scale=5.0, seed=1, frames=5)
 
     def run(runtime: RuntimeConfig):
-        cfg = DenoiserServiceConfig(model=ModelConfig(checkpoint=str(tiny_wan), device="cpu", dtype="float32"),
-                                    runtime=runtime)
-        worker = Worker(cfg)
-        worker.init_device()
-        worker.load_model()
-        worker.compile_or_warm_up_model(worker.warmup_job())
+        worker = start_worker(tiny_wan, runtime)
         worker.add_request(DenoiseJob("r", params=params, conditionings=enc.conditionings,
                                       negative_conditionings=enc.negative_conditionings, start_step=0, end_step=2))
         for step in range(2):

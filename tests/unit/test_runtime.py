@@ -33,6 +33,7 @@ from services.runtime import (
     undo_regional_compile,
     unfuse_gelu_epilogues,
 )
+from tests.workers import start_worker
 
 CPU = torch.device("cpu")
 PARAMS = SamplingParams(width=64, height=48, steps=3, guidance_scale=3.5, seed=3)
@@ -219,13 +220,7 @@ def test_step_rows_hand_the_blocks_one_layout_every_step(flux) -> None:
 
 
 def _worker(tiny_flux, runtime: RuntimeConfig) -> Worker:
-    cfg = DenoiserServiceConfig(model=ModelConfig(checkpoint=str(tiny_flux), device="cpu", dtype="float32"),
-                                runtime=runtime)
-    worker = Worker(cfg)
-    worker.init_device()
-    worker.load_model()
-    worker.compile_or_warm_up_model(worker.warmup_job())
-    return worker
+    return start_worker(tiny_flux, runtime)
 
 
 def _run(worker: Worker, conds) -> torch.Tensor:
