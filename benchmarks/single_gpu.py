@@ -457,8 +457,8 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         bench.facts[f"{case.name}_attention_floor_s"] = best_attn_s / 1000
     plain_ops = AttentionOps(joint=auto_joint.fn, cross=sel.get("cross").fn)
     # --merge: ours with runtime.merge_repeated_keys on (the cross-attention merges repeated trailing keys)
-    merged_cross = merge_repeated_keys(plain_ops.cross, args.merged_config)
-    ops = AttentionOps(joint=plain_ops.joint, cross=merged_cross) if args.merge else plain_ops
+    ops = plain_ops if not args.merge else AttentionOps(
+        joint=plain_ops.joint, cross=merge_repeated_keys(plain_ops.cross, args.merged_config))
     def compiled_without(what: str) -> None:
         """Ours compiled before a fusion is applied: the fusion's effect, as one more row."""
         if wants(args, "unfused", what):

@@ -100,7 +100,7 @@ def select_kernels(runtime: RuntimeConfig, shapes: dict[CallShape, int], device:
     return sel
 
 
-AUTO_CACHE_FORMAT = 1
+AUTO_CACHE_FORMAT = 2
 KERNEL_PACKAGES = ("triton", "flash-attn-4", "flash-attn", "flash-attn-3", "flash_attn_3", "sageattention",
                    "nvidia-cutlass-dsl")
 """Distributions whose version is part of the cache key (absent ones count as ``None``)."""
@@ -150,11 +150,8 @@ def _load_cached(path: Path, facts: dict[str, Any], shapes: dict[CallShape, int]
             kernels.update(resolve_fixed(name, kind_shapes, device, needs_lse))  # BackendError if it cannot run
         if set(kernels) != {sh.kind for sh in shapes}:
             raise ValueError(f"choice for {sorted(kernels)}, calls of {sorted({sh.kind for sh in shapes})}")
-        stored = {str(k): str(v) for k, v in data["metadata"].items()}
-        cached = {k: v for k, v in stored.items() if k.startswith("attention_") and k not in (
-            "attention_source", "attention_auto_seconds", "attention_notes", "attention_joint_backend",
-            "attention_cross_backend")}
-        cached["attention_auto_timed_seconds"] = stored.get("attention_auto_seconds", "?")
+        cached = {str(k): str(v) for k, v in data["report"].items()}  # the measuring start's timings, bounds, shapes
+        cached["attention_auto_timed_seconds"] = f"{float(data['seconds']):.2f}"
         cached["attention_auto_seconds"] = f"{time.perf_counter() - t0:.2f}"  # this start's: reading the file
     except Exception as exc:  # noqa: BLE001 - a bad or stale file: time again (and overwrite it)
         log.warning("attention_auto_cache_ignored", path=str(path), reason=f"{type(exc).__name__}: {exc}")
@@ -165,8 +162,10 @@ def _load_cached(path: Path, facts: dict[str, Any], shapes: dict[CallShape, int]
 
 def _store(path: Path, facts: dict[str, Any], sel: KernelSelection) -> None:
     """Write ``sel`` for later starts (atomically: replicas may share the folder); a failure only logs."""
+    assert sel.report is not None, "only a timed selection is stored"
     data = {"facts": facts, "choice": {k: b.name.value for k, b in sel.kernels.items()},
-            "metadata": sel.metadata(), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "report": sel.report.metadata(), "seconds": sel.report.seconds,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
