@@ -69,16 +69,24 @@ class StepTable:
     def __init__(self, embed: torch.nn.Module, projections: list[torch.nn.Module]):
         self.embed = StepConstant(embed)
         self.projections = [StepConstant(module) for module in projections]
+        self._buffers: dict[tuple, list[torch.Tensor]] = {}
 
     def compute(self, *embed_args: Any) -> StepRows:
-        """``(module, [N, ...] output for every step)`` for the embedding and every projection."""
+        """``(module, [N, ...] output for every step)`` for the embedding and every projection, served through this
+        table's row buffers (see the module doc)."""
         temb = self.embed.compute(*embed_args)
         act = torch.nn.functional.silu(temb)
-        return StepRows([(self.embed, temb), *((p, p.compute(act)) for p in self.projections)])
+        tables = [(self.embed, temb), *((p, p.compute(act)) for p in self.projections)]
+        key = tuple((tuple(t.shape[1:]), t.dtype, t.device) for _, t in tables)
+        if key not in self._buffers:  # a new row width, dtype or device (a new model layout): new buffers, once
+            self._buffers[key] = [t.new_empty((1, *t.shape[1:])) for _, t in tables]
+        return StepRows(tables, self._buffers[key])
 
 
 class StepRows:
-    """What a request's step loop serves from its step tables: one fixed buffer per table, refilled each step.
+    """What a request's step loop serves from its step tables: one fixed buffer per table, refilled each step (the
+    ``StepTable``'s buffers, shared by its requests: each step refills them on the device's stream before its forward,
+    so requests whose steps interleave each read their own rows).
 
     A row sliced out of a table is a view whose storage offset moves with the step, so compiled blocks would get an
     input of a new layout every step. Under CUDA graphs that cost a new recording per step (measured on an H200,
@@ -87,9 +95,9 @@ class StepRows:
     copy (one kernel launch), so every step hands the blocks identical tensors holding the same values.
     """
 
-    def __init__(self, tables: list[tuple[StepConstant, torch.Tensor]]):
+    def __init__(self, tables: list[tuple[StepConstant, torch.Tensor]], buffers: list[torch.Tensor] | None = None):
         self.tables = tables
-        self.buffers = [table.new_empty((1, *table.shape[1:])) for _, table in tables]
+        self.buffers = buffers if buffers is not None else [table.new_empty((1, *table.shape[1:])) for _, table in tables]
 
     def rows(self, index: int, batch: int) -> list[tuple[StepConstant, torch.Tensor]]:
         """Row ``index`` (the step's position in the request's range) of every table, for a batch of ``batch``."""

@@ -169,6 +169,42 @@ def test_worker_compiles_tiny_flux_and_matches_eager(tiny_flux, variant: str) ->
         assert err < 2e-2, (rt, err)
 
 
+@pytest.mark.parametrize("checkpoint", ["tiny_flux", "tiny_wan"])
+def test_cuda_graph_worker_records_no_block_again_for_later_requests(checkpoint: str,
+                                                                     request: pytest.FixtureRequest) -> None:
+    """A compiled CUDA-graph worker records each block graph during its warm-up; later requests (other prompts and
+    seeds, of several lengths, two of them prepared before either runs) replay them: no recording during them
+    (inductor's count of the non-static inputs of new recordings stays put), and their outputs equal the same
+    requests served alone. (Each request's new step-table buffers used to be static inputs at new addresses: every
+    block was recorded again on each request's first step; see tests/unit/test_static_graph_inputs.py.)"""
+    from torch._dynamo.utils import counters
+
+    from services.runtime import RuntimeConfig
+    from tests.flexcache_cases import make_job
+    from tests.workers import start_worker
+
+    path = request.getfixturevalue(checkpoint)
+    worker = start_worker(path, RuntimeConfig(cuda_graphs=True), device="cuda", dtype="bfloat16")
+
+    def recorded() -> int:
+        return counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+
+    def serve(jobs) -> list[torch.Tensor]:
+        for job in jobs:
+            worker.add_request(job)
+        for job in jobs:
+            for step in range(job.start_step, job.end_step):
+                worker.execute_step(job.request_id, step)
+        return [worker.finish_request(job.request_id).latents.float() for job in jobs]
+
+    alone = serve([make_job(path, None, request_id="a", steps=3, seed=21)])[0]
+    before = recorded()
+    together = serve([make_job(path, None, request_id="b", steps=5, seed=22),
+                      make_job(path, None, request_id="c", steps=3, seed=21)])
+    assert recorded() == before, f"{recorded() - before} non-static inputs recorded anew for later requests"
+    assert torch.equal(together[1], alone)  # the same graphs, the shared row buffers refilled per step
+
+
 @pytest.mark.parametrize("tokens,dim,hidden", [(4608, 3072, 12288), (8190, 1536, 8960), (512, 3072, 12288)])
 def test_fused_mlp_kernels_match_float32(tokens, dim, hidden) -> None:
     """The GELU-epilogue GEMM (cuBLASLt) and the split output projection at Flux / Wan MLP shapes, bf16, eager and
