@@ -5,6 +5,7 @@ rows of one run ran at different clocks."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -18,6 +19,7 @@ class ClockSampler:
     (``nvidia-ml-py``) is missing, e.g. on a CPU machine."""
 
     def __init__(self, index: int = 0, period_s: float = 0.005) -> None:
+        """``index``: the CUDA device index (of the visible devices; NVML numbers every card, see ``nvml_handle``)."""
         self.index, self.period_s = index, period_s
         self.samples: list[tuple[float, float, float, int]] = []  # MHz, W, degrees C, reason bits
         self._stop = threading.Event()
@@ -34,7 +36,7 @@ class ClockSampler:
             return self
         pynvml.nvmlInit()
         self._nvml = pynvml
-        handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
+        handle = nvml_handle(pynvml, self.index)
         reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
             pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
         power = self._power_reader(pynvml, handle)
@@ -97,3 +99,17 @@ class ClockSampler:
                 f"{statistics.median(s[1] for s in self.samples):.0f} W"
                 f"{'' if self.instant_power else ' (averaged over ~1 s)'}, temperature max "
                 f"{max(s[2] for s in self.samples):.0f} C, {self._reasons()}, {len(self.samples)} samples")
+
+
+def nvml_handle(pynvml, cuda_index: int):
+    """NVML's handle of the card CUDA calls ``cuda_index``. NVML numbers the host's cards, CUDA only the visible ones:
+    under ``CUDA_VISIBLE_DEVICES=1`` CUDA's device 0 is NVML's card 1 (the process's launcher sets the variable; this
+    only reads it to find the card)."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if cuda_index < len(visible):
+        entry = visible[cuda_index]
+        if entry.isdigit():
+            return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+        if entry.startswith(("GPU-", "MIG-")):
+            return pynvml.nvmlDeviceGetHandleByUUID(entry)
+    return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)

@@ -695,27 +695,36 @@ def service_steps(bench: Bench, case: ModelCase, extra: tuple, rt: RuntimeConfig
     bench.facts["service_runtime_facts"] = worker.runtime_facts
     steps = args.service_steps
 
-    async def run() -> tuple[dict[int, float], list[float]]:
-        """Wall seconds of a job of ``steps`` and of one of ``2 * steps`` (submit to last event), and the device
-        seconds of each step of the longer one."""
+    async def run() -> list[tuple[int, float, list[float], dict[str, int]]]:
+        """Per job: its steps, wall seconds (submit to last event), each step's device seconds and what compiled or
+        recorded during it (dynamo/inductor counters). A first job of ``steps`` warms the engine and executor up
+        (untimed), then jobs of ``steps`` and ``2 * steps`` twice."""
+        from torch._dynamo.utils import counters
+
+        def snapshot() -> dict[str, int]:
+            return {f"{group}.{key}": value for group in ("stats", "inductor") for key, value in counters[group].items()}
+
         executor = UniProcExecutor(cfg)
         executor.worker = worker
         executor._healthy = True
         engine = DenoiserEngine(EngineConfig(), executor)
         await engine.start()
-        walls, device_s = {}, []
-        for n in (steps, 2 * steps):
-            job = DenoiseJob(f"bench-{n}", params=type(params)(**{**asdict(params), "steps": n}), conditionings=conds,
-                             start_step=0, end_step=n)
-            device_s = []
+        jobs = []
+        for i, n in enumerate((steps, steps, 2 * steps, steps, 2 * steps)):
+            job = DenoiseJob(f"bench-{i}-{n}", params=type(params)(**{**asdict(params), "steps": n}),
+                             conditionings=conds, start_step=0, end_step=n)
+            device_s, before = [], snapshot()
             t0 = time.perf_counter()
             async for event in engine.submit(job):
                 if isinstance(event, StepEvent):
                     device_s.append(event.seconds)
-            walls[n] = time.perf_counter() - t0
+            wall = time.perf_counter() - t0
+            after = snapshot()
+            changed = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+            jobs.append((n, wall, device_s, changed))
         await engine.stop()
         executor.thread.shutdown()
-        return walls, device_s
+        return jobs[1:]
 
     state = worker.runner.prepare(DenoiseJob("bare", params=params, conditionings=conds, start_step=0, end_step=2))
 
@@ -727,24 +736,34 @@ def service_steps(bench: Bench, case: ModelCase, extra: tuple, rt: RuntimeConfig
 
     # bare forward before and after the service run (the card's clock drifts by a few % over minutes)
     bare_before = bare_forward()
-    walls, device_s = asyncio.run(run())
+    jobs = asyncio.run(run())
     bare_after = bare_forward()
     bare = (bare_before + bare_after) / 2
     bench.facts["bare_forward_before_after_s"] = [bare_before, bare_after]
-    # the extra steps of the longer job: request set-up, hand-back and the first step's warm-up cancel out
-    wall_per_step = (walls[2 * steps] - walls[steps]) / steps
+    for n, wall, device_s, changed in jobs:
+        print(f"  service job of {n} steps: wall {wall:.3f} s, step device seconds first {device_s[0] * 1000:.1f} ms, "
+              f"median of the rest {statistics.median(device_s[1:]) * 1000:.2f} ms; compiled/recorded during it: "
+              f"{changed or 'nothing'}", flush=True)
+    # per pair, the extra steps of the longer job: request set-up, hand-back and any per-job cost cancel out
+    pairs = [(jobs[i][1], jobs[i + 1][1]) for i in (0, 2)]
+    wall_per_step = statistics.median((long - short) / steps for short, long in pairs)
+    per_job = statistics.median(short - steps * wall_per_step for short, _ in pairs)
+    device_per_step = statistics.median(s for _, _, device_s, _ in jobs for s in device_s[1:])
     ratio = wall_per_step / bare
-    bench.facts["service_job_walls_s"] = {str(k): v for k, v in walls.items()}
+    bench.facts["service_jobs"] = [{"steps": n, "wall_s": wall, "step_device_s": device_s, "counters": changed}
+                                   for n, wall, device_s, changed in jobs]
     bench.facts["service_wall_per_step_s"] = wall_per_step
-    bench.facts["service_device_per_step_s"] = statistics.median(device_s[1:])
+    bench.facts["service_per_job_overhead_s"] = per_job
+    bench.facts["service_device_per_step_s"] = device_per_step
     bench.facts["bare_forward_s"] = bare
     bench.facts["service_over_bare"] = ratio
-    print(f"  service: jobs of {steps} and {2 * steps} steps took {walls[steps]:.3f} / {walls[2 * steps]:.3f} s: "
-          f"wall {wall_per_step * 1000:.2f} ms/step (device {statistics.median(device_s[1:]) * 1000:.2f}), bare "
-          f"forward {bare_before * 1000:.2f} / {bare_after * 1000:.2f} ms before/after -> ratio {ratio:.4f}",
-          flush=True)
+    print(f"  service: jobs of {steps} / {2 * steps} steps took {pairs[0][0]:.3f} / {pairs[0][1]:.3f} and "
+          f"{pairs[1][0]:.3f} / {pairs[1][1]:.3f} s: wall {wall_per_step * 1000:.2f} ms/step (device "
+          f"{device_per_step * 1000:.2f}), {per_job * 1000:.0f} ms a job besides its steps; bare forward "
+          f"{bare_before * 1000:.2f} / {bare_after * 1000:.2f} ms before/after -> ratio {ratio:.4f}", flush=True)
     bench.add(Row(case.name, f"service per step (jobs of {steps} and {2 * steps} steps, engine+executor+worker)",
-                  wall_per_step, note=f"bare forward {bare * 1000:.2f} ms ({LOOP} back to back); ratio {ratio:.4f}"))
+                  wall_per_step, note=f"bare forward {bare * 1000:.2f} ms ({LOOP} back to back); ratio {ratio:.4f}; "
+                                      f"{per_job * 1000:.0f} ms a job besides its steps"))
 
 
 # ------------------------------------------------------------------------------------------------------------------
