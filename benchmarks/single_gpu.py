@@ -702,7 +702,8 @@ def service_steps(bench: Bench, case: ModelCase, extra: tuple, rt: RuntimeConfig
         from torch._dynamo.utils import counters
 
         def snapshot() -> dict[str, int]:
-            return {f"{group}.{key}": value for group in ("stats", "inductor") for key, value in counters[group].items()}
+            return {f"{group}.{key}": value for group in ("stats", "inductor")
+                    for key, value in counters[group].items()}
 
         executor = UniProcExecutor(cfg)
         executor.worker = worker

@@ -95,9 +95,9 @@ class StepRows:
     copy (one kernel launch), so every step hands the blocks identical tensors holding the same values.
     """
 
-    def __init__(self, tables: list[tuple[StepConstant, torch.Tensor]], buffers: list[torch.Tensor] | None = None):
+    def __init__(self, tables: list[tuple[StepConstant, torch.Tensor]], buffers: list[torch.Tensor]):
         self.tables = tables
-        self.buffers = buffers if buffers is not None else [table.new_empty((1, *table.shape[1:])) for _, table in tables]
+        self.buffers = buffers
 
     def rows(self, index: int, batch: int) -> list[tuple[StepConstant, torch.Tensor]]:
         """Row ``index`` (the step's position in the request's range) of every table, for a batch of ``batch``."""
