@@ -27,7 +27,8 @@ from services.attention import LOCAL_SDPA, AttentionOps
 from services.attention.backends import Backend
 from services.attention.repeated_keys import merge_repeated_keys
 from services.attention.selection import KernelSelection, select_kernels
-from services.errors import FailedPrecondition
+from services.config import ConfigError
+from services.errors import FailedPrecondition, InvalidArgument
 from services.families.base import DenoiseState, SamplingParams, resolve_device, resolve_dtype
 from services.gemm import select_gemms, start_recording
 from services.log import get_logger
@@ -39,6 +40,7 @@ from services.runtime import (
     fuse_norms,
     fuse_projections,
     graph_breaks,
+    parse_size,
     regional_compile,
     use_kernel_cache,
 )
@@ -83,6 +85,8 @@ class Worker:
         self.sharder: SequenceSharder | None = None
         """The family's sequence-parallel plan on the loaded model (None when the sequence is not sharded)."""
         self.adapter = load_adapter(config.model.checkpoint)
+        self.warmup_sizes = self._warmup_sizes()
+        """``runtime.warmup_sizes`` as (width, height, frames), checked against the model's limits."""
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.runner: ModelRunner | None = None
@@ -192,6 +196,28 @@ class Worker:
         return DenoiseJob(request_id="warmup", params=params, conditionings=conds[0], negative_conditionings=conds[1],
                           start_step=0, end_step=2)
 
+    def _warmup_sizes(self) -> list[tuple[int, int, int]]:
+        lim = self.adapter.limits()
+        sizes = []
+        for entry in self.config.runtime.warmup_sizes:
+            width, height, frames = parse_size(entry, "runtime.warmup_sizes")
+            params = SamplingParams(width=width, height=height, steps=2, guidance_scale=lim.default_guidance_scale,
+                                    seed=0, frames=frames)
+            try:
+                self.adapter.validate_params(params)
+            except InvalidArgument as exc:
+                raise ConfigError(f"runtime.warmup_sizes: {entry!r} does not fit {self.config.model.checkpoint}: "
+                                  f"{exc}") from None
+            sizes.append((width, height, frames))
+        return sizes
+
+    def size_warmup_jobs(self, job: DenoiseJob) -> list[DenoiseJob]:
+        """``job`` (the default warm-up) at each of ``runtime.warmup_sizes`` that differs from its own size."""
+        own = (job.params.width, job.params.height, job.params.frames)
+        return [dataclasses.replace(job, request_id=f"warmup-{w}x{h}x{f}",
+                                    params=dataclasses.replace(job.params, width=w, height=h, frames=f))
+                for w, h, f in dict.fromkeys(self.warmup_sizes) if (w, h, f) != own]
+
     def compile_or_warm_up_model(self, job: DenoiseJob | None) -> None:
         """Choose the attention kernels (``auto``: timed on this device on the shapes of one recorded warm-up step),
         compile the repeated blocks, then run the warm-up request so that the first real request pays nothing."""
@@ -223,6 +249,15 @@ class Worker:
             breaks = graph_breaks()
             self.run_job(job)
             self.runtime_facts["warmup_seconds"] = f"{time.perf_counter() - t0:.2f}"
+            sized = []
+            for other in self.size_warmup_jobs(job):  # other request sizes: compiled (and recorded) now, not later
+                t0 = time.perf_counter()
+                self.run_job(other)
+                p = other.params
+                sized.append(f"{p.width}x{p.height}" + (f"x{p.frames}" if p.frames > 1 else "")
+                             + f"={time.perf_counter() - t0:.2f}")
+            if sized:
+                self.runtime_facts["warmup_sizes_seconds"] = ", ".join(sized)
             if runtime.compile_enabled(self.device):
                 self.runtime_facts["compile_graph_breaks"] = str(graph_breaks() - breaks)
         log.info("runtime_ready", rank=self.rank, **self.runtime_facts)

@@ -82,7 +82,8 @@ class RuntimeConfig:
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     """Compiler backend; ``eager``/``aot_eager`` only trace (debugging, CPU tests)."""
     cuda_graphs: bool = False
-    """Replay the compiled blocks as CUDA graphs (inductor CUDA-graph trees); needs compilation and static shapes."""
+    """Replay the compiled blocks as CUDA graphs (inductor CUDA-graph trees); needs compilation. Each request size
+    records its own graphs (at start-up for the default size and ``warmup_sizes``, else on its first request)."""
     gemm_backend: GemmBackend = "auto"
     """GEMM kernel of the blocks' linear layers (``services.gemm``): ``auto`` times cuBLAS and QuACK's persistent
     GEMMs (when quack-kernels is installed, on Hopper) on each layer shape of the warm-up step and routes each to the
@@ -100,6 +101,12 @@ class RuntimeConfig:
     """With ``kernel_cache_dir`` set: keep ``auto``'s attention choice there and reuse it at a later start on the same
     kind of card with the same software and call shapes, skipping the timing (``services.attention.selection``).
     Off: time the kernels at every start."""
+    warmup_sizes: list[str] = dataclasses.field(default_factory=list)
+    """Request sizes the warm-up also runs, after the one at the model's default size: ``"WIDTHxHEIGHT"`` (video:
+    ``"WIDTHxHEIGHTxFRAMES"``). A request at one of them then pays no compilation: the first other size makes
+    ``torch.compile`` recompile the blocks once with dynamic shapes (tens of seconds on a real model, otherwise paid
+    by the first request there), and under CUDA graphs each size records its graphs. Each must fit the model's
+    limits (a start-up error names the entry otherwise)."""
 
     def validate(self) -> None:
         from services.attention.backends import AUTO, BackendError, parse_name
@@ -121,6 +128,8 @@ class RuntimeConfig:
             raise ConfigError(f"runtime.gemm_backend must be auto, cublas or quack, got {self.gemm_backend!r}")
         if self.gemm_min_gain < 0:
             raise ConfigError(f"runtime.gemm_min_gain must be >= 0, got {self.gemm_min_gain}")
+        for entry in self.warmup_sizes:
+            parse_size(entry, "runtime.warmup_sizes")
         if self.cuda_graphs and self.compile == "off":
             raise ConfigError("runtime.cuda_graphs needs runtime.compile on or auto (graphs wrap the compiled blocks)")
 
@@ -132,6 +141,16 @@ class RuntimeConfig:
         if self.compile_mode == "max-autotune":
             return "max-autotune" if graphs else "max-autotune-no-cudagraphs"
         return "reduce-overhead" if graphs else None
+
+
+def parse_size(text: str, field: str) -> tuple[int, int, int]:
+    """``"WIDTHxHEIGHT"`` or ``"WIDTHxHEIGHTxFRAMES"`` -> (width, height, frames; 1 for an image)."""
+    parts = str(text).lower().split("x")
+    if len(parts) not in (2, 3) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"{field}: {text!r} is not WIDTHxHEIGHT or WIDTHxHEIGHTxFRAMES (positive integers, "
+                          f"e.g. 1024x768 or 832x480x81)")
+    width, height, *frames = (int(p) for p in parts)
+    return width, height, frames[0] if frames else 1
 
 
 KERNEL_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",

@@ -205,6 +205,35 @@ def test_cuda_graph_worker_records_no_block_again_for_later_requests(checkpoint:
     assert torch.equal(together[1], alone)  # the same graphs, the shared row buffers refilled per step
 
 
+def test_cuda_graph_worker_compiles_and_records_listed_sizes_at_start_up(tiny_flux) -> None:
+    """``runtime.warmup_sizes`` on the GPU: inductor recompiles the blocks with dynamic shapes during the warm-up
+    (our Triton, FA4 and QuACK ops under symbolic shapes) and records their CUDA graphs; a request at the listed size
+    then neither recompiles nor records, and matches the eager worker (bf16)."""
+    from torch._dynamo.utils import counters
+
+    from services.runtime import RuntimeConfig
+    from tests.flexcache_cases import make_job, run_job
+    from tests.workers import start_worker
+
+    torch._dynamo.reset()
+    worker = start_worker(tiny_flux, RuntimeConfig(cuda_graphs=True, warmup_sizes=["96x64"]), device="cuda",
+                          dtype="bfloat16")
+    assert worker.runtime_facts["warmup_sizes_seconds"].startswith("96x64=")
+    tokens = worker.adapter.max_sequence_length
+    before = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        ours = run_job(worker, make_job(tiny_flux, None, request_id="r", steps=3, size=(96, 64),
+                                        text_tokens=tokens)).latents.float()
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] == before
+    plain = RuntimeConfig(attention_backend="sdpa", fuse_qkv=False, fuse_mlp=False, fuse_norm_rope=False,
+                          fuse_norms=False, compile="off", gemm_backend="cublas")
+    eager_worker = start_worker(tiny_flux, plain, device="cuda", dtype="bfloat16")
+    eager = run_job(eager_worker, make_job(tiny_flux, None, request_id="r", steps=3, size=(96, 64),
+                                           text_tokens=tokens)).latents.float()
+    err = float((ours - eager).norm() / eager.norm())
+    assert err < 2e-2, err
+
+
 @pytest.mark.parametrize("tokens,dim,hidden", [(4608, 3072, 12288), (8190, 1536, 8960), (512, 3072, 12288)])
 def test_fused_mlp_kernels_match_float32(tokens, dim, hidden) -> None:
     """The GELU-epilogue GEMM (cuBLASLt) and the split output projection at Flux / Wan MLP shapes, bf16, eager and

@@ -219,3 +219,27 @@ def test_denoisers_keep_compiled_kernels_in_a_volume(helm: str) -> None:
     pod = by_kind(off, "Deployment")["rel-chitu-flux-dev-denoiser"]["spec"]["template"]["spec"]
     assert "kernel-cache" not in {v["name"] for v in pod["volumes"]}
     assert "/denoiser/kernelCache/mountPath" in render_error(helm, "denoiser.kernelCache.mountPath=relative")
+
+
+def test_denoiser_runtime_settings_reach_the_config(helm: str) -> None:
+    """``denoiser.runtime`` (and a model's own ``denoiser.runtime``) become the denoiser's ``runtime`` block, beside the
+    kernel cache folder; the chart refuses a ``kernel_cache_dir`` there (``kernelCache`` owns it)."""
+    docs = render(helm, "denoiser.runtime.cuda_graphs=true", "denoiser.runtime.warmup_sizes={1024x1024,768x1344}",
+                  "models[0].name=wan", "models[0].checkpoint=/models/wan",
+                  "models[0].denoiser.runtime.warmup_sizes={832x480x81}")
+    data = by_kind(docs, "ConfigMap")["rel-chitu-config"]["data"]
+    cfg = from_dict(DenoiserServiceConfig, yaml.safe_load(data["wan-denoiser.yaml"]))
+    cfg.runtime.validate()
+    assert cfg.runtime.cuda_graphs and cfg.runtime.warmup_sizes == ["832x480x81"]
+    assert cfg.runtime.kernel_cache_dir == "/var/cache/chitu/kernels"
+    flux = from_dict(DenoiserServiceConfig, yaml.safe_load(render_config(helm, "flux-dev-denoiser.yaml",
+                                                                         "denoiser.runtime.cuda_graphs=true",
+                                                                         "denoiser.runtime.warmup_sizes={768x1344}")))
+    assert flux.runtime.warmup_sizes == ["768x1344"] and flux.runtime.cuda_graphs
+    assert "denoiser.runtime.kernel_cache_dir: set denoiser.kernelCache instead" in render_error(
+        helm, "denoiser.runtime.kernel_cache_dir=/x")
+
+
+def render_config(helm: str, name: str, *sets: str) -> str:
+    return by_kind(render(helm, *sets), "ConfigMap")["rel-chitu-config"]["data"][name]
+

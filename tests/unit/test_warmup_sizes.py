@@ -1,0 +1,68 @@
+"""``runtime.warmup_sizes``: the warm-up also runs the listed request sizes, so that a request at one of them compiles
+nothing. Without it, the first request at a size other than the default makes ``torch.compile`` recompile every block
+class with dynamic shapes on the request's path (and, under CUDA graphs, record new graphs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.config import ConfigError
+from services.runtime import RuntimeConfig, parse_size
+from tests.flexcache_cases import make_job, run_job
+from tests.workers import start_worker
+
+COMPILED = {"compile": "on", "compile_backend": "aot_eager"}
+
+
+def test_sizes_parse_and_bad_ones_name_the_field() -> None:
+    assert parse_size("1024x768", "f") == (1024, 768, 1)
+    assert parse_size("832X480x81", "f") == (832, 480, 81)
+    for bad in ("1024", "1024x", "0x64", "ax64", "64x64x64x1", "-64x64"):
+        with pytest.raises(ConfigError, match="runtime.warmup_sizes"):
+            RuntimeConfig(warmup_sizes=[bad]).validate()
+
+
+@pytest.mark.parametrize(("entry", "message"), [("100x128", "multiple of 16"), ("2048x128", r"\[16, 1024\]"),
+                                                ("128x128x5", "generates images")])
+def test_a_size_outside_the_model_limits_is_a_start_up_error(tiny_flux: Path, entry: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"runtime.warmup_sizes: '{entry}' does not fit .*{message}"):
+        start_worker(tiny_flux, RuntimeConfig(warmup_sizes=[entry]))
+
+
+def _job(worker, checkpoint: Path, size: tuple[int, int], frames: int | None = None):
+    """A request as the encoder stage sends it: Flux and Wan pad every prompt to the model's text length."""
+    return make_job(checkpoint, None, request_id="r", steps=2, size=size, frames=frames,
+                    text_tokens=worker.adapter.max_sequence_length)
+
+
+def _served_without_recompiling(worker, checkpoint: Path, size: tuple[int, int], frames: int | None = None):
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        return run_job(worker, _job(worker, checkpoint, size, frames)).latents
+
+
+@pytest.mark.parametrize(("family", "other", "frames"), [("tiny_flux", (96, 64), None), ("tiny_wan", (48, 32), 9)])
+def test_listed_sizes_are_compiled_at_start_up(family: str, other: tuple[int, int], frames: int | None,
+                                               request: pytest.FixtureRequest) -> None:
+    checkpoint: Path = request.getfixturevalue(family)
+    entry = f"{other[0]}x{other[1]}" + (f"x{frames}" if frames else "")
+    torch._dynamo.reset()  # compiled code is cached per block class: start from none
+    worker = start_worker(checkpoint, RuntimeConfig(**COMPILED, warmup_sizes=[entry]))
+    assert worker.runtime_facts["warmup_sizes_seconds"].startswith(f"{entry}=")
+    lim = worker.adapter.limits()
+    served_other = _served_without_recompiling(worker, checkpoint, other, frames)
+    _served_without_recompiling(worker, checkpoint, (lim.default_width, lim.default_height))
+    # the same request on an eager worker: the compiled graphs compute the same (aot_eager: same ops, float32)
+    eager_worker = start_worker(checkpoint, RuntimeConfig())
+    eager = run_job(eager_worker, _job(eager_worker, checkpoint, other, frames)).latents
+    assert float((served_other - eager).norm() / eager.norm()) < 1e-5
+
+    # without the entry, the same request recompiles on its way (what the warm-up moved to start-up)
+    torch._dynamo.reset()
+    plain = start_worker(checkpoint, RuntimeConfig(**COMPILED))
+    assert "warmup_sizes_seconds" not in plain.runtime_facts
+    with pytest.raises(Exception, match="[Rr]ecompil"):
+        _served_without_recompiling(plain, checkpoint, other, frames)
+    torch._dynamo.reset()
