@@ -27,6 +27,7 @@ DEEP_BLOCKS = {"flux": {"num_layers": 2, "num_single_layers": 4}, "flux_cfg": {"
 ``flux2_klein_base`` is the undistilled FLUX.2-klein (CFG); Z-Image runs CFG at the guidance of ``make_job``."""
 
 TEXT_WIDTH = {"flux": "joint_attention_dim", "flux2_klein": "joint_attention_dim", "z_image": "cap_feat_dim",
+              "qwen_image": "joint_attention_dim",
               "wan": "text_dim"}
 """Transformer config key of each family's text-embedding width."""
 

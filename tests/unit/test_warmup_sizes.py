@@ -66,3 +66,25 @@ def test_listed_sizes_are_compiled_at_start_up(family: str, other: tuple[int, in
     with pytest.raises(Exception, match="[Rr]ecompil"):
         _served_without_recompiling(plain, checkpoint, other, frames)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["tiny_z_image", "tiny_qwen_image"])
+def test_other_prompt_lengths_compile_nothing_after_the_warm_up(family: str, request: pytest.FixtureRequest) -> None:
+    """Qwen-Image and Z-Image prompts keep their own lengths; their warm-ups run two (the CFG branches), which makes the
+    blocks' graphs dynamic in the text length, and a request of any other length compiles nothing. For Z-Image this
+    needs the rotary tables handed over with standard strides (``processors.z_image._contiguous_rotary``): without,
+    a new length recompiles (the control at the end)."""
+    checkpoint: Path = request.getfixturevalue(family)
+    torch._dynamo.reset()
+    worker = start_worker(checkpoint, RuntimeConfig(**COMPILED))
+    for tokens in (7, 20, 40, 100):
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            run_job(worker, make_job(checkpoint, None, request_id="r", steps=2, text_tokens=tokens))
+    if family == "tiny_z_image":
+        from services.runtime import denoiser_module, repeated_blocks
+
+        for block in repeated_blocks(denoiser_module(worker.runner.model)):
+            block._forward_pre_hooks.clear()
+        with pytest.raises(Exception, match="[Rr]ecompil"), torch._dynamo.config.patch(error_on_recompile=True):
+            run_job(worker, make_job(checkpoint, None, request_id="r", steps=2, text_tokens=72))
+    torch._dynamo.reset()

@@ -67,12 +67,40 @@ ROLES = (("noise_refiner", "image"), ("context_refiner", "text"), ("layers", "jo
 """Block list of the transformer -> the tokens its attention covers."""
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the standard strides of its shape, including its size-1 dimensions (``is_contiguous`` ignores those:
+    a ``[1, S, D]`` slice of a ``[1, S', D]`` table counts as contiguous with a row stride of ``S' * D``)."""
+    standard, step = [], 1
+    for size in reversed(t.shape):
+        standard.append(step)
+        step *= size
+    return t if list(t.stride()) == standard[::-1] else t.clone(memory_format=torch.contiguous_format)
+
+
+def _contiguous_rotary(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of every block: its rotary table (``freqs_cis``, the third argument) with standard strides.
+
+    The transformer hands each block a slice of a padded table whose batch stride depends on the table's length
+    rather than on the block's sequence, so compiled blocks (dynamic shapes) guarded on a stride that the next caption
+    length broke: every new length recompiled the block class, up to dynamo's recompile limit, after which it ran
+    uncompiled. With standard strides one dynamic graph serves every length (``tests/unit/test_warmup_sizes.py``).
+    Runs outside the compiled forward; same values (a copy of ``[1, S, D/2]`` complex numbers)."""
+    if len(args) > 2 and isinstance(args[2], torch.Tensor):
+        args = (*args[:2], _dense(args[2]), *args[3:])
+    elif isinstance(kwargs.get("freqs_cis"), torch.Tensor):
+        kwargs = {**kwargs, "freqs_cis": _dense(kwargs["freqs_cis"])}
+    return args, kwargs
+
+
 def install(transformer: torch.nn.Module, ops: AttentionOps) -> int:
-    """Put our processor on every Z-Image block; returns how many were replaced. (Omni checkpoints' SigLIP refiner
-    keeps diffusers' processor: text-to-image never runs it.)"""
+    """Put our processor on every Z-Image block (and the rotary-table hook, ``_contiguous_rotary``, once); returns how
+    many were replaced. (Omni checkpoints' SigLIP refiner keeps diffusers' processor: text-to-image never runs it.)"""
     n = 0
     for name, role in ROLES:
         for block in getattr(transformer, name):
             block.attention.set_processor(ZImageAttnProcessor(ops, role))
+            if not getattr(block, "_chitu_contiguous_rotary", False):
+                block.register_forward_pre_hook(_contiguous_rotary, with_kwargs=True)
+                block._chitu_contiguous_rotary = True
             n += 1
     return n
