@@ -104,8 +104,8 @@ class RuntimeConfig:
     warmup_sizes: list[str] = dataclasses.field(default_factory=list)
     """Request sizes the warm-up also runs, after the one at the model's default size: ``"WIDTHxHEIGHT"`` (video:
     ``"WIDTHxHEIGHTxFRAMES"``). A request at one of them then pays no compilation: the first other size makes
-    ``torch.compile`` recompile the blocks once with dynamic shapes (tens of seconds on a real model, otherwise paid
-    by the first request there), and under CUDA graphs each size records its graphs. Each must fit the model's
+    ``torch.compile`` recompile every block class once with dynamic shapes (otherwise paid by the first
+    request there), and under CUDA graphs each size records its graphs. Each must fit the model's
     limits (a start-up error names the entry otherwise)."""
 
     def validate(self) -> None:
