@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -50,6 +51,7 @@ from services.runtime import (  # noqa: E402
     fuse_norm_rope,
     fuse_norms,
     fuse_projections,
+    parse_size,
     regional_compile,
     undo_regional_compile,
     unfuse_gelu_epilogues,
@@ -681,6 +683,8 @@ def service_steps(bench: Bench, case: ModelCase, extra: tuple, rt: RuntimeConfig
     from services.config import ModelConfig
 
     adapter, pipe, ckpt, conds, params = extra
+    sizes = [x for x in args.warmup_sizes.split(",") if x]
+    rt = dataclasses.replace(rt, warmup_sizes=sizes)
     cfg = DenoiserServiceConfig(model=ModelConfig(checkpoint=str(ckpt), device=str(bench.device),
                                                   dtype="bfloat16" if bench.dtype == torch.bfloat16 else "float32"),
                                 runtime=rt)
@@ -711,8 +715,12 @@ def service_steps(bench: Bench, case: ModelCase, extra: tuple, rt: RuntimeConfig
         engine = DenoiserEngine(EngineConfig(), executor)
         await engine.start()
         jobs = []
-        for i, n in enumerate((steps, steps, 2 * steps, steps, 2 * steps)):
-            job = DenoiseJob(f"bench-{i}-{n}", params=type(params)(**{**asdict(params), "steps": n}),
+        runs = [(n, {}) for n in (steps, steps, 2 * steps, steps, 2 * steps)]
+        for size in sizes:  # after the timed pairs: one job at each warmed-up size
+            w, h, f = parse_size(size, "--warmup-sizes")
+            runs.append((steps, {"width": w, "height": h, "frames": f}))
+        for i, (n, shape) in enumerate(runs):
+            job = DenoiseJob(f"bench-{i}-{n}", params=type(params)(**{**asdict(params), "steps": n, **shape}),
                              conditionings=conds, start_step=0, end_step=n)
             device_s, before = [], snapshot()
             t0 = time.perf_counter()
@@ -723,9 +731,13 @@ def service_steps(bench: Bench, case: ModelCase, extra: tuple, rt: RuntimeConfig
             after = snapshot()
             changed = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
             jobs.append((n, wall, device_s, changed))
+            if shape:
+                print(f"  service job at warmed-up size {shape}: first step {device_s[0] * 1000:.1f} ms, median of "
+                      f"the rest {statistics.median(device_s[1:]) * 1000:.2f} ms; compiled/recorded during it: "
+                      f"{changed or 'nothing'}", flush=True)
         await engine.stop()
         executor.thread.shutdown()
-        return jobs[1:]
+        return jobs[1:len(jobs) - len(sizes)]
 
     state = worker.runner.prepare(DenoiseJob("bare", params=params, conditionings=conds, start_step=0, end_step=2))
 
@@ -809,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="only the default compile mode")
     ap.add_argument("--no-fuse", dest="fuse", action="store_false", help="ours without fused QKV projections and MLPs")
     ap.add_argument("--service-steps", type=int, default=12)
+    ap.add_argument("--warmup-sizes", default="", help="comma-separated WxH[xF] for the service worker's "
+                    "runtime.warmup_sizes; after the timed jobs one job runs at each (its first step must not compile)")
     ap.add_argument("--profile", action="store_true", help="write the top kernels of compiled forwards to OUT")
     ap.add_argument("--compare", default="eager,unfused", help="extra rows: eager (ours eager per backend), "
                     "unfused (ours compiled without fused QKV, then fused QKV without the fused MLP, then without the fused "
