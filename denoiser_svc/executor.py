@@ -118,7 +118,7 @@ class UniProcExecutor:
 
     def describe(self) -> dict[str, str]:
         return {"world_size": "1", "device": str(self.worker.device), "dtype": str(self.worker.dtype),
-                **self.worker.runtime_facts}
+                **self.worker.runtime_facts, **self.worker.serving_facts()}
 
     async def on_drain(self) -> None:
         return None
@@ -222,7 +222,8 @@ class MultiProcExecutor:
                  "launcher": self.rendezvous.launcher if self.rendezvous else "self"}
         if self.worker is not None:
             facts.update({"device": str(self.worker.device), "dtype": str(self.worker.dtype),
-                          "parallel_groups": self.worker.groups.describe(), **self.worker.runtime_facts})
+                          "parallel_groups": self.worker.groups.describe(), **self.worker.runtime_facts,
+                          **self.worker.serving_facts()})
         if self._failure:
             facts["group_failure"] = self._failure
         return facts

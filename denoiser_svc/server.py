@@ -33,6 +33,24 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         self.executor = executor
         self.engine = DenoiserEngine(config.engine, executor)
         self.max_bytes = config.server.max_tensor_bytes
+        self.step_seconds = None
+        """The ``chitu_denoiser_step_seconds`` histogram, once ``register_metrics`` ran."""
+
+    def register_metrics(self, metrics) -> None:
+        """The denoiser's own Prometheus series on the service's registry (``services.metrics``)."""
+        self.step_seconds = metrics.histogram("chitu_denoiser_step_seconds",
+                                              "Time of one denoising step (device time on CUDA), rank 0")
+        metrics.gauge("chitu_denoiser_steps_compiling_after_warmup",
+                      "Steps during which the compiled blocks traced a new graph after the warm-up (a request size "
+                      "not in runtime.warmup_sizes pays its compile on its path)",
+                      lambda: self._serving_fact("steps_compiling_after_warmup"))
+        metrics.gauge("chitu_denoiser_steps_recording_after_warmup",
+                      "Steps during which CUDA-graph trees recorded graphs after the warm-up",
+                      lambda: self._serving_fact("steps_recording_after_warmup"))
+
+    def _serving_fact(self, key: str) -> float:
+        worker = getattr(self.executor, "worker", None)
+        return float(worker.serving_facts().get(key, 0)) if worker is not None else 0.0
 
     async def load(self) -> None:
         await self.executor.start()
@@ -82,6 +100,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
             chunk_bytes = request.latent_chunk_bytes or self.config.engine.latent_chunk_bytes
             async for event in self.engine.submit(job):
                 if isinstance(event, StepEvent):
+                    if self.step_seconds is not None:
+                        self.step_seconds.observe(event.seconds)
                     yield denoiser_pb2.DenoiseResponse(progress=denoiser_pb2.DenoiseProgress(
                         step=event.step, total_steps=event.total_steps, step_seconds=event.seconds))
                 elif isinstance(event, LatentsEvent):
@@ -117,6 +137,7 @@ async def serve(config: DenoiserServiceConfig, executor: Executor | None = None)
     executor = executor or make_executor(config)
     servicer = DenoiserServicer(config, executor)
     host = ServiceHost("denoiser", config.server, [SERVICE_NAME])
+    servicer.register_metrics(host.metrics)
     denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, host.server)
     try:
         await host.run(servicer.load, on_drain=executor.on_drain)

@@ -34,6 +34,7 @@ from services.gemm import select_gemms, start_recording
 from services.log import get_logger
 from services.registry import load_adapter
 from services.runtime import (
+    CompileWatch,
     denoiser_module,
     fuse_gelu_epilogues,
     fuse_norm_rope,
@@ -96,6 +97,8 @@ class Worker:
         self.runtime_facts: dict[str, str] = {}
         if config.runtime.kernel_cache_dir:
             self.runtime_facts["kernel_cache_dir"] = os.path.abspath(config.runtime.kernel_cache_dir)
+        self.compile_watch: CompileWatch | None = None
+        """Set after a compiled warm-up: counts the steps that compiled or recorded graphs on a request's path."""
         self.states: dict[str, DenoiseState] = {}
         self.export_state: set[str] = set()
         """Requests whose scheduler history is handed back at the end (another group continues them)."""
@@ -260,7 +263,13 @@ class Worker:
                 self.runtime_facts["warmup_sizes_seconds"] = ", ".join(sized)
             if runtime.compile_enabled(self.device):
                 self.runtime_facts["compile_graph_breaks"] = str(graph_breaks() - breaks)
+        if runtime.compile_enabled(self.device):
+            self.compile_watch = CompileWatch()
         log.info("runtime_ready", rank=self.rank, **self.runtime_facts)
+
+    def serving_facts(self) -> dict[str, str]:
+        """What changes while serving, for the info RPC: the steps that compiled or recorded graphs after warm-up."""
+        return self.compile_watch.facts() if self.compile_watch is not None else {}
 
     def recording_ops(self):
         from services.attention.autotune import ShapeRecorder
@@ -302,10 +311,22 @@ class Worker:
             start.record()
             self.runner.step(state, step)
             end.record()
+            self._watch_compiles(request_id, step, state)
             return StepHandle(start, end)
         t0 = time.perf_counter()
         self.runner.step(state, step)
-        return StepHandle(cpu_seconds=time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self._watch_compiles(request_id, step, state)
+        return StepHandle(cpu_seconds=seconds)
+
+    def _watch_compiles(self, request_id: str, step: int, state: DenoiseState) -> None:
+        if self.compile_watch is None:
+            return
+        compiled, recorded = self.compile_watch.check()
+        if compiled or recorded:
+            log.warning("compiled_on_request_path", request_id=request_id, step=step, rank=self.rank,
+                        latents=list(state.latents.shape), graphs_traced=compiled, cuda_graph_inputs_recorded=recorded,
+                        hint="list this request's size in runtime.warmup_sizes to compile it at start-up")
 
     def finish_request(self, request_id: str) -> FinishedRequest:
         metadata: dict[str, str] = {}

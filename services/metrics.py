@@ -8,7 +8,9 @@ Every service exposes (when ``server.metrics_port`` >= 0) on ``/metrics``:
 - ``chitu_serving`` — 1 while the health service says SERVING;
 - ``chitu_process_peak_rss_bytes``, and on CUDA ``chitu_cuda_allocated_bytes`` / ``chitu_cuda_peak_allocated_bytes``
   and, when NVML is available, ``chitu_gpu_utilization_percent``;
-- stage-specific series registered by the stage (for example the denoiser's step time).
+- stage-specific series registered by the stage: the denoiser's ``chitu_denoiser_step_seconds`` (histogram) and
+  ``chitu_denoiser_steps_compiling_after_warmup`` / ``chitu_denoiser_steps_recording_after_warmup`` (steps that
+  compiled or recorded graphs on a request's path: sizes missing from ``runtime.warmup_sizes``).
 
 The registry belongs to the process's ``ServiceHost`` (no module-level default registry).
 """
@@ -113,6 +115,12 @@ class ServiceMetrics:
         from prometheus_client import Histogram
 
         return Histogram(name, doc, ["service"], buckets=buckets, registry=self.registry).labels(self.service)
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """A stage-specific gauge labelled with this service, read from ``read`` at scrape time."""
+        from prometheus_client import Gauge
+
+        Gauge(name, doc, ["service"], registry=self.registry).labels(self.service).set_function(read)
 
     def counter(self, name: str, doc: str):
         """A stage-specific counter labelled with this service."""

@@ -153,6 +153,40 @@ def parse_size(text: str, field: str) -> tuple[int, int, int]:
     return width, height, frames[0] if frames else 1
 
 
+class CompileWatch:
+    """Compilations and CUDA-graph recordings that happen after the warm-up, i.e. on a request's path (a request size
+    not in ``runtime.warmup_sizes``, or a guard the warm-up did not settle). Reads torch's own counters (process-wide:
+    one serving worker per process): dynamo's traced graphs (``stats.unique_graphs``) and the non-static inputs
+    inductor's CUDA-graph trees record (``inductor.cudagraph_recorded_non_static_inputs``, which grows with every
+    recording). ``check`` after each step returns what that step added."""
+
+    def __init__(self) -> None:
+        self._last = self._read()
+        self.steps_compiling = 0
+        """Steps (after the warm-up) during which dynamo traced at least one graph."""
+        self.steps_recording = 0
+        """Steps (after the warm-up) during which CUDA-graph trees recorded at least one graph."""
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+
+    def check(self) -> tuple[int, int]:
+        """(graphs traced, recorded-input count) since the last check."""
+        now = self._read()
+        compiled, recorded = now[0] - self._last[0], now[1] - self._last[1]
+        self._last = now
+        self.steps_compiling += compiled > 0
+        self.steps_recording += recorded > 0
+        return compiled, recorded
+
+    def facts(self) -> dict[str, str]:
+        return {"steps_compiling_after_warmup": str(self.steps_compiling),
+                "steps_recording_after_warmup": str(self.steps_recording)}
+
+
 KERNEL_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
                  "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": "flash_attn_cute", "QUACK_CACHE_DIR": "quack"}
 """The compilers' cache-folder variables and the sub-folder of ``kernel_cache_dir`` each gets."""

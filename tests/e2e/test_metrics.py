@@ -62,3 +62,35 @@ def test_encoder_metrics(tiny_flux: Path, tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_denoiser_metrics(tiny_flux: Path, tmp_path: Path) -> None:
+    """The denoiser's own series: a histogram of step times, and the steps that compiled on a request's path (a
+    compiled denoiser; the request's size is not the warm-up's, so its first step compiles: the gauge says 1, the
+    info RPC too)."""
+    from clients.client import ChituClient, GenerateOptions
+    from clients.stack import LocalStack, StackConfig
+    from services.proto.chitu.v1 import denoiser_pb2, denoiser_pb2_grpc
+
+    metrics_port = free_port()
+    cfg = StackConfig(checkpoints={"tiny-flux": str(tiny_flux)}, listen="127.0.0.1:0", device="cpu", dtype="float32",
+                      stage_overrides={"denoiser": [f"server.metrics_port={metrics_port}", "runtime.compile=on",
+                                                    "runtime.compile_backend=aot_eager"]})
+    stack = LocalStack(cfg, workdir=tmp_path / "stack")
+    stack.start()
+    try:
+        with ChituClient(stack.address) as c:
+            for _ in range(2):
+                c.generate_result("a red circle", "tiny-flux", GenerateOptions(width=96, height=64, steps=3, seed=1),
+                                  timeout=120)
+        m = _scrape(metrics_port)
+        assert m['chitu_denoiser_step_seconds_count{service="denoiser"}'] == 6
+        assert m['chitu_denoiser_step_seconds_sum{service="denoiser"}'] > 0
+        assert m['chitu_denoiser_steps_compiling_after_warmup{service="denoiser"}'] == 1
+        with grpc.insecure_channel(stack.service("denoiser").address) as ch:
+            info = denoiser_pb2_grpc.DenoiserServiceStub(ch).GetDenoiserInfo(denoiser_pb2.GetDenoiserInfoRequest(),
+                                                                              timeout=10).info
+        assert info.metadata["steps_compiling_after_warmup"] == "1"
+    finally:
+        stack.stop()
+

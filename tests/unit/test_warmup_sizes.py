@@ -88,3 +88,18 @@ def test_other_prompt_lengths_compile_nothing_after_the_warm_up(family: str, req
         with pytest.raises(Exception, match="[Rr]ecompil"), torch._dynamo.config.patch(error_on_recompile=True):
             run_job(worker, make_job(checkpoint, None, request_id="r", steps=2, text_tokens=72))
     torch._dynamo.reset()
+
+
+def test_steps_that_compile_after_the_warm_up_are_counted(tiny_flux: Path) -> None:
+    """The worker counts (and logs) steps that compiled graphs on a request's path: a size the warm-up did not cover
+    counts, a covered one does not; the counts reach the info RPC's facts (``serving_facts``)."""
+    torch._dynamo.reset()
+    worker = start_worker(tiny_flux, RuntimeConfig(**COMPILED, warmup_sizes=["96x64"]))
+    assert worker.serving_facts() == {"steps_compiling_after_warmup": "0", "steps_recording_after_warmup": "0"}
+    run_job(worker, _job(worker, tiny_flux, (96, 64)))
+    assert worker.serving_facts()["steps_compiling_after_warmup"] == "0"
+    torch._dynamo.reset()  # forget every graph: the next request compiles again, on its first step only
+    run_job(worker, _job(worker, tiny_flux, (96, 64)))
+    assert worker.serving_facts()["steps_compiling_after_warmup"] == "1"
+    assert start_worker(tiny_flux, RuntimeConfig()).serving_facts() == {}  # nothing compiled, nothing to count
+    torch._dynamo.reset()
