@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,21 +131,12 @@ def build(mlp: Callable[[torch.Tensor], torch.Tensor], order: str, blocks: int, 
     return graph.replay, y
 
 
-def _sustained(replay: Callable[[], None], seconds: float, blocks: int):
-    from benchmarks.gpu_clocks import ClockSampler
+def _sustained(replay: Callable[[], None], seconds: float, blocks: int) -> tuple[float, str]:
+    """ms a block of ``replay`` run back to back for ``seconds`` (``attention_kernels``' timing), and the clocks."""
+    from benchmarks.attention_kernels import _sustained_ms
 
-    ms: list[float] = []
-    with ClockSampler(torch.cuda.current_device()) as clocks:
-        t_end = time.perf_counter() + seconds
-        while time.perf_counter() < t_end:
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
-            ends[0].record()
-            for e in ends[1:]:
-                replay()
-                e.record()
-            ends[-1].synchronize()
-            ms += [a.elapsed_time(b) / blocks for a, b in zip(ends, ends[1:], strict=False)]
-    return statistics.median(ms[len(ms) // 2:]), clocks.brief()
+    ms, clocks = _sustained_ms(replay, seconds)
+    return ms / blocks, clocks.brief()
 
 
 def main(argv: list[str] | None = None) -> int:
