@@ -55,6 +55,9 @@ class VaeServiceConfig:
     """When and how the decode is split into spatial tiles."""
     slicing: bool = True
     """Decode a batch one sample at a time (diffusers' ``enable_slicing``, where the VAE has it)."""
+    warmup: bool = True
+    """Decode latents of the model's default size once at start-up, before the health status says SERVING, so that
+    the first request does not pay the device's first-call costs (kernel loading, cuDNN's algorithm choice)."""
     mp4_crf: int = 18
     """H.264 constant rate factor of MP4 output (0 = lossless luma, 18 ~ visually lossless, 51 = worst)."""
     mp4_pixel_format: Literal["yuv420p", "yuv444p"] = "yuv420p"

@@ -36,6 +36,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.thread = WorkThread("vae")
         self.model = None
         self.max_bytes = config.server.max_tensor_bytes
+        self.warmup_seconds: float | None = None
+        """How long the start-up decode took (None: ``warmup`` off, or not loaded yet)."""
         self.tile_for_size: dict[tuple[int, int, int], int | None] = {}
         """Output size (width, height, frames) -> the tile size that fitted the budget (None: untiled)."""
         self.unavailable: dict[int, str] = {}
@@ -55,8 +57,24 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             log.warning("memory_budget_ignored", reason="memory_budget_mb is enforced on CUDA only")
         if self.config.slicing and hasattr(self.vae, "use_slicing"):
             self.vae.enable_slicing()
+        if self.config.warmup:
+            self.warmup_seconds = await self.thread.run(self._warm_up)
         log.info("vae_loaded", family=self.adapter.family, device=str(self.device), dtype=str(self.dtype),
-                 memory_fraction=fraction, tiling=self.config.tiling.mode, can_tile=can_tile(self.vae))
+                 memory_fraction=fraction, tiling=self.config.tiling.mode, can_tile=can_tile(self.vae),
+                 warmup_seconds=self.warmup_seconds)
+
+    def _warm_up(self) -> float:
+        """One decode of random latents at the model's default size (and frames), within the memory budget as a
+        request's; returns its seconds."""
+        lim = self.adapter.limits()
+        params = SamplingParams(width=lim.default_width, height=lim.default_height, steps=1, guidance_scale=0.0,
+                                seed=0, frames=lim.default_frames)
+        latents = torch.randn(self.adapter.latent_shape(params), generator=torch.Generator().manual_seed(0))
+        t0 = time.perf_counter()
+        self._decode(latents, params)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     async def _read(self, requests: AsyncIterator[vae_pb2.DecodeRequest]) -> tuple[vae_pb2.DecodeHeader, torch.Tensor]:
         header = None
@@ -191,6 +209,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     async def GetVaeInfo(self, request: vae_pb2.GetVaeInfoRequest,
                          context: grpc.aio.ServicerContext) -> vae_pb2.GetVaeInfoResponse:
         metadata = {"tiling": self.config.tiling.mode, "memory_budget_mb": str(self.config.memory_budget_mb)}
+        if self.warmup_seconds is not None:
+            metadata["warmup_seconds"] = f"{self.warmup_seconds:.2f}"
         metadata.update({f"{UNAVAILABLE_FORMAT_PREFIX}{vae_pb2.MediaFormat.Name(f)}": why
                          for f, why in self.unavailable.items()})
         return vae_pb2.GetVaeInfoResponse(info=stage_info(self.config.model, self.adapter, "vae", self.dtype,

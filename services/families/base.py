@@ -342,6 +342,11 @@ class FamilyAdapter(ABC):
     def decode(self, model: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         """Decode the denoiser's latents to uint8 frames ``[F, H, W, 3]`` exactly as the pipeline post-processes."""
 
+    @abstractmethod
+    def latent_shape(self, params: SamplingParams) -> tuple[int, ...]:
+        """The shape of the latents ``prepare`` makes (and ``decode`` takes) for ``params``, from the checkpoint's
+        configs alone (the VAE stage warms up on latents of this shape without loading the transformer)."""
+
     # -- helpers shared by adapters ----------------------------------------------------------------------------------
     @staticmethod
     def fresh_scheduler(scheduler: Any) -> Any:

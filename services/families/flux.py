@@ -250,6 +250,12 @@ class FluxAdapter(FamilyAdapter):
                                      **state.branch_inputs[branch])[0]
 
     # -- VAE stage -------------------------------------------------------------------------------------------------
+    def latent_shape(self, params: SamplingParams) -> tuple[int, ...]:
+        """Packed 2x2 patches of the VAE latents: ``[1, (H/2s)(W/2s), 4C]`` (``s``: the VAE's scale factor)."""
+        grid = self.vae_scale_factor * 2
+        vae = self.component_config("vae")
+        return (1, (params.height // grid) * (params.width // grid), 4 * int(vae["latent_channels"]))
+
     def load_vae(self, dtype: torch.dtype, device: torch.device) -> Any:
         return load_partial_pipeline(self, self.vae_components, dtype, device)
 

@@ -246,6 +246,12 @@ class ZImageAdapter(FamilyAdapter):
         return {"prompt_embeds": torch.randn(1, length, width, generator=gen)}, uncond
 
     # -- VAE stage -------------------------------------------------------------------------------------------------
+    def latent_shape(self, params: SamplingParams) -> tuple[int, ...]:
+        """``[1, C, H/s, W/s]`` (``s``: the VAE's scale factor, the size rounded down to a multiple of 2s)."""
+        grid = self.vae_scale_factor * 2
+        return (1, int(self.component_config("vae")["latent_channels"]), 2 * (params.height // grid),
+                2 * (params.width // grid))
+
     def load_vae(self, dtype: torch.dtype, device: torch.device) -> Any:
         return load_partial_pipeline(self, self.vae_components, dtype, device)
 
