@@ -42,6 +42,10 @@ class Case:
     jobs: list[DenoiseJob]
     overrides: list[str] = dataclasses.field(default_factory=list)
     """Further ``key=value`` denoiser config overrides of every rank (e.g. ``runtime.compile=on``)."""
+    warm_up_with: str = "job"
+    """With overrides (a compiling case): ``job`` warms up on the case's first job (under another id), as the
+    serving rank would for a request of that shape; ``default`` on the worker's own warm-up request (the model's
+    default size, then ``runtime.warmup_sizes``), as a serving rank does."""
 
     @property
     def heads_needed(self) -> int:
@@ -55,7 +59,7 @@ class Case:
 
     def spec(self) -> dict:
         return {"name": self.name, "checkpoint": str(self.checkpoint), "component": self.component,
-                "layout": self.layout, "jobs": self.jobs, "overrides": self.overrides}
+                "layout": self.layout, "jobs": self.jobs, "overrides": self.overrides, "warm_up_with": self.warm_up_with}
 
 
 def tiny_checkpoints() -> list[str]:

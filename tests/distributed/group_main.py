@@ -63,7 +63,9 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str, device: 
             # the first job under another id is the warm-up: its recorded step picks the GEMM routes, and the CUDA
             # graphs are captured before the job itself runs (as a served request finds them)
             first = case["jobs"][0]
-            worker.compile_or_warm_up_model(dataclasses.replace(first, request_id=f"{first.request_id}-warmup"))
+            warmup = (worker.warmup_job() if case.get("warm_up_with") == "default"
+                      else dataclasses.replace(first, request_id=f"{first.request_id}-warmup"))
+            worker.compile_or_warm_up_model(warmup)
         folder = out / case["name"]
         folder.mkdir(parents=True, exist_ok=True)
         for job in case["jobs"]:
