@@ -130,6 +130,9 @@ class DenoiserServiceConfig:
     """Multi-rank layout (CFG parallel, Ulysses, Ring); the default is a group of one process."""
 
     def validate(self) -> None:
+        if self.runtime.warmup_sizes and not self.warmup:
+            raise ConfigError(f"runtime.warmup_sizes={self.runtime.warmup_sizes} are compiled by the warm-up, which "
+                              f"warmup=false turns off; set warmup: true or leave warmup_sizes empty")
         par = self.parallel
         if par.world_size > 1:
             device = self.model.device

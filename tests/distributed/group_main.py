@@ -50,7 +50,7 @@ def run(spec_path: Path, out: Path, rank: int, world: int, master: str, device: 
     for case in spec["cases"]:
         t0 = time.perf_counter()
         overrides = [f"model.checkpoint={case['checkpoint']}", f"model.device={device}", f"model.dtype={dtype}",
-                     "warmup=false", f"component={case['component']}",
+                     f"component={case['component']}",
                      *(f"parallel.{k}={v}" for k, v in case["layout"].items()), *case.get("overrides", [])]
         config = load_config(DenoiserServiceConfig, overrides=overrides)
         groups = ParallelGroups.build(config.parallel, rank, backend)

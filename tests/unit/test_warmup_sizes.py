@@ -17,6 +17,15 @@ from tests.workers import start_worker
 COMPILED = {"compile": "on", "compile_backend": "aot_eager"}
 
 
+def test_warmup_sizes_need_the_warm_up(tiny_flux: Path) -> None:
+    from denoiser_svc.config import DenoiserServiceConfig
+    from services.config import load_config
+
+    with pytest.raises(ConfigError, match="warmup=false turns off"):
+        load_config(DenoiserServiceConfig, overrides=[f"model.checkpoint={tiny_flux}", "warmup=false",
+                                                       "runtime.warmup_sizes=[64x64]"])
+
+
 def test_sizes_parse_and_bad_ones_name_the_field() -> None:
     assert parse_size("1024x768", "f") == (1024, 768, 1)
     assert parse_size("832X480x81", "f") == (832, 480, 81)
