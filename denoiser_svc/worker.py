@@ -326,7 +326,8 @@ class Worker:
         if compiled or recorded:
             log.warning("compiled_on_request_path", request_id=request_id, step=step, rank=self.rank,
                         latents=list(state.latents.shape), graphs_traced=compiled, cuda_graph_inputs_recorded=recorded,
-                        hint="list this request's size in runtime.warmup_sizes to compile it at start-up")
+                        hint="a request size missing from runtime.warmup_sizes, or a path the warm-up did not run "
+                             "(e.g. a FlexCache strategy's first use)")
 
     def finish_request(self, request_id: str) -> FinishedRequest:
         metadata: dict[str, str] = {}
