@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from denoiser_svc.cache import LOCAL_REDUCER, FlexCache, GroupReducer, MetricReducer
+from denoiser_svc.cache import (
+    LOCAL_REDUCER,
+    CachePolicy,
+    FlexCache,
+    GroupReducer,
+    MetricReducer,
+    policy_from_dict,
+    validate_for_model,
+)
 from denoiser_svc.config import DenoiserServiceConfig
 from denoiser_svc.parallel.attention import LseFn, SequenceParallelAttention, default_lse_attention, probing_lse
 from denoiser_svc.parallel.groups import ParallelGroups
@@ -34,6 +42,7 @@ from services.gemm import select_gemms, start_recording
 from services.log import get_logger
 from services.registry import load_adapter
 from services.runtime import (
+    CACHE_WARMUP_STEPS,
     CompileWatch,
     denoiser_module,
     fuse_gelu_epilogues,
@@ -88,6 +97,8 @@ class Worker:
         self.adapter = load_adapter(config.model.checkpoint)
         self.warmup_sizes = self._warmup_sizes()
         """``runtime.warmup_sizes`` as (width, height, frames), checked against the model's limits."""
+        self.warmup_strategies = self._warmup_strategies()
+        """``runtime.warmup_cache_strategies`` as policies with default settings, checked against the model."""
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.runner: ModelRunner | None = None
@@ -214,6 +225,18 @@ class Worker:
             sizes.append((width, height, frames))
         return sizes
 
+    def _warmup_strategies(self) -> list[CachePolicy]:
+        spec = self.adapter.cache_spec(self.config.component)
+        policies = []
+        for name in dict.fromkeys(self.config.runtime.warmup_cache_strategies):
+            try:
+                policy = policy_from_dict({"strategy": name})
+                validate_for_model(policy, spec, self.adapter.family)
+            except InvalidArgument as exc:
+                raise ConfigError(f"runtime.warmup_cache_strategies: {exc}") from None
+            policies.append(policy)
+        return policies
+
     def size_warmup_jobs(self, job: DenoiseJob) -> list[DenoiseJob]:
         """``job`` (the default warm-up) at each of ``runtime.warmup_sizes`` that differs from its own size."""
         own = (job.params.width, job.params.height, job.params.frames)
@@ -261,6 +284,17 @@ class Worker:
                              + f"={time.perf_counter() - t0:.2f}")
             if sized:
                 self.runtime_facts["warmup_sizes_seconds"] = ", ".join(sized)
+            cached = []
+            for policy in self.warmup_strategies:  # FlexCache strategies' own paths through the compiled blocks
+                t0 = time.perf_counter()
+                name = policy.strategy.value
+                self.run_job(dataclasses.replace(job, request_id=f"warmup-cache-{name}", cache=policy,
+                                                 end_step=CACHE_WARMUP_STEPS,
+                                                 params=dataclasses.replace(job.params, steps=CACHE_WARMUP_STEPS)))
+                cached.append(f"{name}={time.perf_counter() - t0:.2f}")
+            if cached:  # and the plain path again, whose guards the strategies' hooks coming and going changed
+                self.run_job(dataclasses.replace(job, request_id="warmup-plain-again"))
+                self.runtime_facts["warmup_cache_strategies_seconds"] = ", ".join(cached)
             if runtime.compile_enabled(self.device):
                 self.runtime_facts["compile_graph_breaks"] = str(graph_breaks() - breaks)
         if runtime.compile_enabled(self.device):

@@ -107,6 +107,11 @@ class RuntimeConfig:
     ``torch.compile`` recompile every block class once with dynamic shapes (otherwise paid by the first
     request there), and under CUDA graphs each size records its graphs. Each must fit the model's
     limits (a start-up error names the entry otherwise)."""
+    warmup_cache_strategies: list[str] = dataclasses.field(default_factory=list)
+    """FlexCache strategies (e.g. ``["pab"]``) the warm-up also runs, with their default settings over
+    ``CACHE_WARMUP_STEPS`` steps at the default size, then the plain request once more: a strategy whose hooks change
+    what the compiled blocks see (PAB's attention broadcast) otherwise compiles on the first request using it, and
+    the next plain request compiles again. Each must be usable by the model (a start-up error lists those that are)."""
 
     def validate(self) -> None:
         from services.attention.backends import AUTO, BackendError, parse_name
@@ -141,6 +146,11 @@ class RuntimeConfig:
         if self.compile_mode == "max-autotune":
             return "max-autotune" if graphs else "max-autotune-no-cudagraphs"
         return "reduce-overhead" if graphs else None
+
+
+CACHE_WARMUP_STEPS = 8
+"""Steps of a ``warmup_cache_strategies`` warm-up: enough for the strategies' default start fractions and intervals
+to reach the steps that reuse cached values."""
 
 
 def parse_size(text: str, field: str) -> tuple[int, int, int]:

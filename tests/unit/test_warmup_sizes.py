@@ -112,3 +112,30 @@ def test_steps_that_compile_after_the_warm_up_are_counted(tiny_flux: Path) -> No
     assert worker.serving_facts()["steps_compiling_after_warmup"] == "1"
     assert start_worker(tiny_flux, RuntimeConfig()).serving_facts() == {}  # nothing compiled, nothing to count
     torch._dynamo.reset()
+
+
+def test_listed_cache_strategies_compile_at_start_up(tmp_path: Path) -> None:
+    """PAB's attention hooks change what the compiled blocks see: its first request compiles, and so does the next
+    plain request. With ``runtime.warmup_cache_strategies: [pab]`` both happen during the warm-up (the control, without
+    it, counts compiling steps); an unusable name is a start-up error listing the usable ones."""
+    from tests.flexcache_cases import REAL, deep_checkpoint
+
+    checkpoint = deep_checkpoint("flux", tmp_path)
+
+    def serve_pab_then_plain(worker) -> str:
+        lim = worker.adapter.limits()
+        for strategy in ("pab", None):
+            run_job(worker, make_job(checkpoint, strategy, REAL["pab"] if strategy else None, request_id="r",
+                                     steps=6, size=(lim.default_width, lim.default_height),
+                                     text_tokens=worker.adapter.max_sequence_length))
+        return worker.serving_facts()["steps_compiling_after_warmup"]
+
+    torch._dynamo.reset()
+    warmed = start_worker(checkpoint, RuntimeConfig(**COMPILED, warmup_cache_strategies=["pab"]))
+    assert warmed.runtime_facts["warmup_cache_strategies_seconds"].startswith("pab=")
+    assert serve_pab_then_plain(warmed) == "0"
+    torch._dynamo.reset()
+    assert int(serve_pab_then_plain(start_worker(checkpoint, RuntimeConfig(**COMPILED)))) > 0
+    torch._dynamo.reset()
+    with pytest.raises(ConfigError, match=r"runtime.warmup_cache_strategies: .*nocache"):
+        start_worker(checkpoint, RuntimeConfig(warmup_cache_strategies=["nocache"]))
