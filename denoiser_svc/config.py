@@ -130,9 +130,10 @@ class DenoiserServiceConfig:
     """Multi-rank layout (CFG parallel, Ulysses, Ring); the default is a group of one process."""
 
     def validate(self) -> None:
-        if self.runtime.warmup_sizes and not self.warmup:
-            raise ConfigError(f"runtime.warmup_sizes={self.runtime.warmup_sizes} are compiled by the warm-up, which "
-                              f"warmup=false turns off; set warmup: true or leave warmup_sizes empty")
+        for name in ("warmup_sizes", "warmup_cache_strategies"):
+            if getattr(self.runtime, name) and not self.warmup:
+                raise ConfigError(f"runtime.{name}={getattr(self.runtime, name)} are compiled by the warm-up, which "
+                                  f"warmup=false turns off; set warmup: true or leave {name} empty")
         par = self.parallel
         if par.world_size > 1:
             device = self.model.device
