@@ -275,31 +275,37 @@ class Worker:
             breaks = graph_breaks()
             self.run_job(job)
             self.runtime_facts["warmup_seconds"] = f"{time.perf_counter() - t0:.2f}"
-            sized = []
-            for other in self.size_warmup_jobs(job):  # other request sizes: compiled (and recorded) now, not later
-                t0 = time.perf_counter()
-                self.run_job(other)
-                p = other.params
-                sized.append(f"{p.width}x{p.height}" + (f"x{p.frames}" if p.frames > 1 else "")
-                             + f"={time.perf_counter() - t0:.2f}")
-            if sized:
-                self.runtime_facts["warmup_sizes_seconds"] = ", ".join(sized)
-            cached = []
-            for policy in self.warmup_strategies:  # FlexCache strategies' own paths through the compiled blocks
-                t0 = time.perf_counter()
-                name = policy.strategy.value
-                self.run_job(dataclasses.replace(job, request_id=f"warmup-cache-{name}", cache=policy,
-                                                 end_step=CACHE_WARMUP_STEPS,
-                                                 params=dataclasses.replace(job.params, steps=CACHE_WARMUP_STEPS)))
-                cached.append(f"{name}={time.perf_counter() - t0:.2f}")
-            if cached:  # and the plain path again, whose guards the strategies' hooks coming and going changed
-                self.run_job(dataclasses.replace(job, request_id="warmup-plain-again"))
-                self.runtime_facts["warmup_cache_strategies_seconds"] = ", ".join(cached)
-            if runtime.compile_enabled(self.device):
+            if runtime.compile_enabled(self.device):  # of the default request's path (each block one graph: 0)
                 self.runtime_facts["compile_graph_breaks"] = str(graph_breaks() - breaks)
+            self._warm_up_more(job)
         if runtime.compile_enabled(self.device):
             self.compile_watch = CompileWatch()
         log.info("runtime_ready", rank=self.rank, **self.runtime_facts)
+
+    def _warm_up_more(self, job: DenoiseJob) -> None:
+        """The default warm-up ``job`` again at each of ``runtime.warmup_sizes`` and with each of
+        ``runtime.warmup_cache_strategies`` (then plain once more, the strategies' hooks having come and gone), so
+        that their compilations and CUDA-graph recordings happen now rather than on a request's path."""
+        sized = []
+        for other in self.size_warmup_jobs(job):
+            t0 = time.perf_counter()
+            self.run_job(other)
+            p = other.params
+            sized.append(f"{p.width}x{p.height}" + (f"x{p.frames}" if p.frames > 1 else "")
+                         + f"={time.perf_counter() - t0:.2f}")
+        if sized:
+            self.runtime_facts["warmup_sizes_seconds"] = ", ".join(sized)
+        cached = []
+        for policy in self.warmup_strategies:
+            t0 = time.perf_counter()
+            name = policy.strategy.value
+            self.run_job(dataclasses.replace(job, request_id=f"warmup-cache-{name}", cache=policy,
+                                             end_step=CACHE_WARMUP_STEPS,
+                                             params=dataclasses.replace(job.params, steps=CACHE_WARMUP_STEPS)))
+            cached.append(f"{name}={time.perf_counter() - t0:.2f}")
+        if cached:
+            self.run_job(dataclasses.replace(job, request_id="warmup-plain-again"))
+            self.runtime_facts["warmup_cache_strategies_seconds"] = ", ".join(cached)
 
     def serving_facts(self) -> dict[str, str]:
         """What changes while serving, for the info RPC: the steps that compiled or recorded graphs after warm-up."""
