@@ -45,7 +45,7 @@ class StaticInputProbe:
         return run
 
 
-@pytest.mark.parametrize("family", ["tiny_flux", "tiny_wan", "tiny_flux2_klein", "tiny_z_image"])
+@pytest.mark.parametrize("family", ["tiny_flux", "tiny_wan", "tiny_flux2_klein", "tiny_z_image", "tiny_qwen_image"])
 def test_static_inputs_of_compiled_blocks_keep_their_addresses_across_requests(family: str,
                                                                               request: pytest.FixtureRequest) -> None:
     checkpoint: Path = request.getfixturevalue(family)
