@@ -43,14 +43,15 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServiceServicer):
         metrics.gauge("chitu_denoiser_steps_compiling_after_warmup",
                       "Steps during which the compiled blocks traced a new graph after the warm-up (a request size "
                       "not in runtime.warmup_sizes pays its compile on its path)",
-                      lambda: self._serving_fact("steps_compiling_after_warmup"))
+                      lambda: self._watched("steps_compiling"))
         metrics.gauge("chitu_denoiser_steps_recording_after_warmup",
                       "Steps during which CUDA-graph trees recorded graphs after the warm-up",
-                      lambda: self._serving_fact("steps_recording_after_warmup"))
+                      lambda: self._watched("steps_recording"))
 
-    def _serving_fact(self, key: str) -> float:
-        worker = getattr(self.executor, "worker", None)
-        return float(worker.serving_facts().get(key, 0)) if worker is not None else 0.0
+    def _watched(self, count: str) -> float:
+        """A count of rank 0's ``CompileWatch`` (0 before the warm-up, or when nothing is compiled)."""
+        watch = getattr(getattr(self.executor, "worker", None), "compile_watch", None)
+        return float(getattr(watch, count)) if watch is not None else 0.0
 
     async def load(self) -> None:
         await self.executor.start()

@@ -196,6 +196,21 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def packed_latent_shape(height: int, width: int, scale_factor: int, latent_channels: int) -> tuple[int, int, int]:
+    """``[1, (H/2s)(W/2s), 4C]``: the latents of the Flux-style pipelines (Flux.1, FLUX.2, Qwen-Image), 2x2 patches of
+    the VAE's ``C``-channel latents packed per token (``s``: the VAE's scale factor)."""
+    grid = 2 * scale_factor
+    return 1, (height // grid) * (width // grid), 4 * latent_channels
+
+
+def check_latents(latents: torch.Tensor, expected: tuple[int, ...], params: SamplingParams) -> None:
+    """INVALID_ARGUMENT unless ``latents`` is a batch (B >= 1) of latents of the ``expected`` shape (dim 0: batch)."""
+    tail = tuple(expected[1:])
+    if latents.ndim != len(expected) or latents.shape[0] < 1 or tuple(latents.shape[1:]) != tail:
+        raise InvalidArgument(f"latents of shape {list(latents.shape)} do not fit {params.width}x{params.height} "
+                              f"(expected [B >= 1, {', '.join(map(str, tail))}])")
+
+
 class FamilyAdapter(ABC):
     """Base class of the per-family adapters (one module per family in ``services/families``)."""
 

@@ -24,6 +24,8 @@ from services.families.base import (
     SeqGather,
     SeqSplit,
     SequenceParallelPlan,
+    check_latents,
+    packed_latent_shape,
     sequence_embeds,
 )
 from services.families.cache_spec import CacheSpec, block_counts
@@ -251,21 +253,16 @@ class FluxAdapter(FamilyAdapter):
 
     # -- VAE stage -------------------------------------------------------------------------------------------------
     def latent_shape(self, params: SamplingParams) -> tuple[int, ...]:
-        """Packed 2x2 patches of the VAE latents: ``[1, (H/2s)(W/2s), 4C]`` (``s``: the VAE's scale factor)."""
-        grid = self.vae_scale_factor * 2
-        vae = self.component_config("vae")
-        return (1, (params.height // grid) * (params.width // grid), 4 * int(vae["latent_channels"]))
+        return packed_latent_shape(params.height, params.width, self.vae_scale_factor,
+                                   int(self.component_config("vae")["latent_channels"]))
 
     def load_vae(self, dtype: torch.dtype, device: torch.device) -> Any:
         return load_partial_pipeline(self, self.vae_components, dtype, device)
 
     def decode(self, model: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         vae = model.vae
-        expected = (params.height // (model.vae_scale_factor * 2)) * (params.width // (model.vae_scale_factor * 2))
-        channels = vae.config.latent_channels * 4  # 2x2 patches packed per token
-        if latents.ndim != 3 or latents.shape[0] < 1 or tuple(latents.shape[1:]) != (expected, channels):
-            raise InvalidArgument(f"latents of shape {list(latents.shape)} do not fit {params.width}x{params.height} "
-                                  f"(expected [B >= 1, {expected}, {channels}])")
+        check_latents(latents, packed_latent_shape(params.height, params.width, model.vae_scale_factor,
+                                                   vae.config.latent_channels), params)
         with torch.inference_mode():
             x = model._unpack_latents(latents.to(device=vae.device, dtype=vae.dtype), params.height, params.width,
                                       model.vae_scale_factor)

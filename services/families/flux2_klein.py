@@ -31,6 +31,8 @@ from services.families.base import (
     SeqGather,
     SeqSplit,
     SequenceParallelPlan,
+    check_latents,
+    packed_latent_shape,
     sequence_embeds,
 )
 from services.families.cache_spec import NO_TEACACHE_POLYNOMIAL, BlockCall, CacheSpec, block_counts
@@ -224,10 +226,8 @@ class Flux2KleinAdapter(FamilyAdapter):
 
     # -- VAE stage -------------------------------------------------------------------------------------------------
     def latent_shape(self, params: SamplingParams) -> tuple[int, ...]:
-        """Packed 2x2 patches of the VAE latents: ``[1, (H/2s)(W/2s), 4C]`` (``s``: the VAE's scale factor)."""
-        grid = self.vae_scale_factor * 2
-        vae = self.component_config("vae")
-        return (1, (params.height // grid) * (params.width // grid), 4 * int(vae["latent_channels"]))
+        return packed_latent_shape(params.height, params.width, self.vae_scale_factor,
+                                   int(self.component_config("vae")["latent_channels"]))
 
     def load_vae(self, dtype: torch.dtype, device: torch.device) -> Any:
         return load_partial_pipeline(self, self.vae_components, dtype, device)
@@ -236,10 +236,8 @@ class Flux2KleinAdapter(FamilyAdapter):
         vae = model.vae
         grid = model.vae_scale_factor * 2
         h_tokens, w_tokens = params.height // grid, params.width // grid
-        channels = vae.bn.num_features
-        if latents.ndim != 3 or latents.shape[0] < 1 or tuple(latents.shape[1:]) != (h_tokens * w_tokens, channels):
-            raise InvalidArgument(f"latents of shape {list(latents.shape)} do not fit {params.width}x{params.height} "
-                                  f"(expected [B >= 1, {h_tokens * w_tokens}, {channels}])")
+        channels = vae.bn.num_features  # the 2x2-patchified latent channels
+        check_latents(latents, (1, h_tokens * w_tokens, channels), params)
         with torch.inference_mode():
             x = latents.to(device=vae.device, dtype=vae.dtype)
             ids = model._prepare_latent_ids(x.new_empty(x.shape[0], channels, h_tokens, w_tokens)).to(x.device)

@@ -34,6 +34,8 @@ from services.families.base import (
     SeqGather,
     SeqSplit,
     SequenceParallelPlan,
+    check_latents,
+    packed_latent_shape,
     sequence_embeds,
 )
 from services.families.cache_spec import CacheSpec
@@ -261,10 +263,8 @@ class QwenImageAdapter(FamilyAdapter):
 
     # -- VAE stage -------------------------------------------------------------------------------------------------
     def latent_shape(self, params: SamplingParams) -> tuple[int, ...]:
-        """Packed 2x2 patches of the VAE latents: ``[1, (H/2s)(W/2s), 4C]`` (``s``: the VAE's scale factor)."""
-        grid = self.vae_scale_factor * 2
-        vae = self.component_config("vae")
-        return (1, (params.height // grid) * (params.width // grid), 4 * int(vae["z_dim"]))
+        return packed_latent_shape(params.height, params.width, self.vae_scale_factor,
+                                   int(self.component_config("vae")["z_dim"]))
 
     def load_vae(self, dtype: torch.dtype, device: torch.device) -> Any:
         return load_partial_pipeline(self, self.vae_components, dtype, device)
@@ -272,11 +272,7 @@ class QwenImageAdapter(FamilyAdapter):
     def decode(self, model: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         vae = model.vae
         vsf = model.vae_scale_factor
-        tokens = (params.height // (vsf * 2)) * (params.width // (vsf * 2))
-        channels = vae.config.z_dim * 4
-        if latents.ndim != 3 or latents.shape[0] < 1 or tuple(latents.shape[1:]) != (tokens, channels):
-            raise InvalidArgument(f"latents of shape {list(latents.shape)} do not fit {params.width}x{params.height} "
-                                  f"(expected [B >= 1, {tokens}, {channels}])")
+        check_latents(latents, packed_latent_shape(params.height, params.width, vsf, vae.config.z_dim), params)
         with torch.inference_mode():
             x = model._unpack_latents(latents.to(vae.device), params.height, params.width, vsf).to(vae.dtype)
             z = vae.config.z_dim

@@ -36,6 +36,7 @@ from services.families.base import (
     SeqGather,
     SeqSplit,
     SequenceParallelPlan,
+    check_latents,
     sequence_embeds,
 )
 from services.families.cache_spec import NO_TEACACHE_POLYNOMIAL, CacheSpec
@@ -258,10 +259,7 @@ class ZImageAdapter(FamilyAdapter):
     def decode(self, model: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         vae = model.vae
         vsf = model.vae_scale_factor
-        expected = (vae.config.latent_channels, params.height // vsf, params.width // vsf)
-        if latents.ndim != 4 or latents.shape[0] < 1 or tuple(latents.shape[1:]) != expected:
-            raise InvalidArgument(f"latents of shape {list(latents.shape)} do not fit {params.width}x{params.height} "
-                                  f"(expected [B >= 1, {', '.join(map(str, expected))}])")
+        check_latents(latents, (1, vae.config.latent_channels, params.height // vsf, params.width // vsf), params)
         with torch.inference_mode():
             x = latents.to(device=vae.device, dtype=vae.dtype)
             x = x / vae.config.scaling_factor + vae.config.shift_factor
