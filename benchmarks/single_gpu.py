@@ -12,7 +12,9 @@ ceiling, the fraction of the FLOP floor (linear at the GEMM ceiling + attention 
 measured time), the relative error vs the reference forward (float32 math attention, eager, unfused), and on a GPU
 the SM clock, power and active clock limiters while the row ran (``gpu_clocks``). Lossy kernels are reported
 separately with their PSNR vs the exact output. ``--interleave R`` adds the headline pair timed in turns (diffusers'
-strongest configuration on a copy of the model, and ours), one forward a sample and three back to back.
+strongest configuration on a copy of the model, and ours), one forward a sample and three back to back;
+``--interleave-also _native_cudnn`` adds another diffusers configuration to those turns (e.g. the cuDNN attention the
+issue's own baseline table used, beside FlashAttention-4 when that is the strongest).
 """
 
 from __future__ import annotations
@@ -376,7 +378,7 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
     m = case.model
     print(f"\n== {case.name} {case.note}", flush=True)
     # diffusers' side of the interleaved rows: an untouched copy of the model, compiled its way at the end
-    twin = copy.deepcopy(m) if args.interleave else None
+    twins = [copy.deepcopy(m) for _ in range(1 + len(also_backends(args)))] if args.interleave else []
     if case.name == "wan" and not args.tiny:
         bench.reps = args.wan_reps
     lin, attn, shapes = count_flops(m, case.forward, case.install, bench)
@@ -532,9 +534,11 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         undo_regional_compile(m)
         if row and (best_ours is None or row.seconds < best_ours[0].seconds):
             best_ours = (row, crt)
-    if twin is not None and best_ours is not None and bench.left() > 60:
-        interleaved(bench, case, twin, best_name, ops, best_ours[1], ref, args)
-    twin = None
+    if twins and best_ours is not None and bench.left() > 60:
+        if (best_name or "native") in also_backends(args):  # it is the strongest already: one twin less
+            twins.pop()
+        interleaved(bench, case, twins, best_name, ops, best_ours[1], ref, args)
+    twins = []
     # lossy compiled (reported separately)
     sage = [b for b in usable if b.constraints.lossy]
     if sage and bench.left() > 90 and not args.quick:
@@ -550,46 +554,54 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         service_steps(bench, case, extra, best_ours[1], args)
 
 
-def interleaved(bench: Bench, case: ModelCase, twin: torch.nn.Module, best_name: str | None, ops: AttentionOps,
-                crt: RuntimeConfig, ref: torch.Tensor, args) -> None:
-    """The headline pair measured in turns: diffusers' strongest configuration (on ``twin``) and ours (the fastest
-    compiled row), both compiled and resident, timed alternately for ``args.interleave`` rounds (the order flips each
-    round). The rows above run one after the other, minutes apart, while the card's power limiter moves its clock
-    (``gpu_clocks``): timed in turns both sides see the same clock."""
-    set_diffusers_backend(twin, best_name)
-    twin.compile_repeated_blocks(fullgraph=False, backend=args.compile_backend)
-    theirs = case.forward_on(twin)
+def interleaved(bench: Bench, case: ModelCase, twins: list[torch.nn.Module], best_name: str | None,
+                ops: AttentionOps, crt: RuntimeConfig, ref: torch.Tensor, args) -> None:
+    """The headline rows measured in turns: diffusers' strongest configuration (on ``twins[0]``), any further
+    diffusers configurations of ``--interleave-also`` (one twin each) and ours (the fastest compiled row), all
+    compiled and resident, timed in turns for ``args.interleave`` rounds (the order rotates each round). The rows
+    above run one after the other, minutes apart, while the card's power limiter moves its clock (``gpu_clocks``):
+    timed in turns every side sees the same clock."""
+    names = [best_name] + [n for n in also_backends(args) if n != (best_name or "native")]
+    sides: list[tuple[str, Callable[[], torch.Tensor]]] = []
+    for twin, name in zip(twins, names, strict=True):
+        set_diffusers_backend(twin, name)
+        twin.compile_repeated_blocks(fullgraph=False, backend=args.compile_backend)
+        sides.append((f"diffusers compile_repeated_blocks + {name or 'native'}", case.forward_on(twin)))
     case.install(case.model, ops)
     regional_compile(case.model, crt, bench.device)
-    ours = graph_steps(case.our_forward) if crt.cuda_graphs else case.our_forward
-    runs: dict[tuple[str, str], list[float]] = {(side, how): [] for side in ("theirs", "ours")
-                                                  for how in ("single", "loop")}
+    label = (crt.inductor_mode(bench.device) or "default") if args.compile_backend == "inductor" else \
+        args.compile_backend
+    ours_label = f"ours compiled {label} (graphs={crt.cuda_graphs})"
+    sides.append((ours_label, graph_steps(case.our_forward) if crt.cuda_graphs else case.our_forward))
+    runs: dict[tuple[str, str], list[float]] = {(side, how): [] for side, _ in sides for how in ("single", "loop")}
     outs = {}
     try:
         with torch.inference_mode():
-            for name, fn in (("theirs", theirs), ("ours", ours)):
+            for name, fn in sides:
                 outs[name] = fn().float()
             with ClockSampler(bench.device.index or 0) as clocks:
                 for r in range(args.interleave):
-                    order = (("theirs", theirs), ("ours", ours)) if r % 2 == 0 else (("ours", ours), ("theirs", theirs))
-                    for name, fn in order:
+                    for name, fn in sides[r % len(sides):] + sides[:r % len(sides)]:
                         runs[name, "single"] += bench.time_fn(fn, reps=3, warmup=1)
                         runs[name, "loop"] += bench.time_fn(lambda fn=fn: _repeat(fn, LOOP), reps=1, warmup=0)
     finally:
         undo_regional_compile(case.model)
-        uncompile_diffusers(twin)
-    label = (crt.inductor_mode(bench.device) or "default") if args.compile_backend == "inductor" else \
-        args.compile_backend
+        for twin in twins:
+            uncompile_diffusers(twin)
     for how, what in (("single", "one forward a sample"), ("loop", f"{LOOP} forwards back to back a sample")):
-        theirs_s = statistics.median(runs["theirs", how]) / (LOOP if how == "loop" else 1)
-        ours_s = statistics.median(runs["ours", how]) / (LOOP if how == "loop" else 1)
-        note = (f"{args.interleave} rounds, {what}; ours / strongest {theirs_s / ours_s:.3f}x "
-                f"[{clocks.brief()}]")
+        per = {name: statistics.median(runs[name, how]) / (LOOP if how == "loop" else 1) for name, _ in sides}
+        ratios = "; ".join(f"ours / {name.removeprefix('diffusers compile_repeated_blocks + ')} "
+                           f"{per[name] / per[ours_label]:.3f}x" for name, _ in sides[:-1])
+        note = f"{args.interleave} rounds, {what}; {ratios} [{clocks.brief()}]"
         tag = "interleaved" if how == "single" else "interleaved, back to back"
-        bench.add(Row(case.name, f"{tag}: diffusers compile_repeated_blocks + {best_name or 'native'}", theirs_s,
-                      rel_err(outs["theirs"], ref), note=note, runs=runs["theirs", how]))
-        bench.add(Row(case.name, f"{tag}: ours compiled {label} (graphs={crt.cuda_graphs})", ours_s,
-                      rel_err(outs["ours"], ref), note=note, runs=runs["ours", how]))
+        for name, _ in sides:
+            bench.add(Row(case.name, f"{tag}: {name}", per[name], rel_err(outs[name], ref), note=note,
+                          runs=runs[name, how]))
+
+
+def also_backends(args) -> list[str]:
+    """``--interleave-also``: further diffusers attention backends timed in the interleaved rounds."""
+    return [n for n in args.interleave_also.split(",") if n]
 
 
 def graph_steps(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -832,6 +844,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(Wan with --merge: the cross-attention without merging repeated keys)")
     ap.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved pair: diffusers' strongest "
                     "configuration (on a copy of the model) and ours timed in turns (0: off)")
+    ap.add_argument("--interleave-also", default="", help="comma-separated diffusers attention backends (e.g. "
+                    "_native_cudnn) also compiled and timed in the interleaved rounds, each on its own copy of the "
+                    "model: ours against diffusers' strongest and against these, at one clock")
     ap.add_argument("--wan-reps", type=int, default=5)
     ap.add_argument("--wan-prompt-tokens", type=int, default=0, help="Wan's text: this many random rows, then zero "
                     "rows up to 512 (as WanPipeline pads a prompt); 0: 512 random rows (no padding)")
@@ -845,10 +860,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="inductor modes of ours compiled, in order")
     ap.add_argument("--compile-backend", default="", help="torch.compile backend (default: inductor on CUDA, "
                     "aot_eager on the CPU, which traces without a C++ toolchain)")
-    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
-                    help="markdown file the rows are appended to ('' = none)")
+    ap.add_argument("--results", default=None, help="markdown file the rows are appended to ('' = none; default: "
+                    "benchmarks/RESULTS.md on a GPU, none for --tiny, whose numbers mean nothing)")
     ap.add_argument("--out", default="", help="folder for single_gpu.json")
     args = ap.parse_args(argv)
+    if args.results is None:
+        args.results = "" if args.tiny else str(Path(__file__).with_name("RESULTS.md"))
     args.merged_config = tuple(int(x) for x in args.merged_config.split(",")) if args.merged_config else None
     device = torch.device(args.device)
     args.compile_backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")

@@ -284,6 +284,7 @@ def test_single_gpu_benchmark_tiny_cpu_mode(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "single_gpu.py"), "--device", "cpu", "--tiny",
                            "--compare", "eager,unfused,ablate-QKV,ablate-norms", "--interleave", "2",
+                           "--interleave-also", "_native_math",
                            "--results", str(results),
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -296,3 +297,9 @@ def test_single_gpu_benchmark_tiny_cpu_mode(tmp_path: Path) -> None:
                 "interleaved, back to back: ours compiled"):
         assert row in text, row
     assert text.count("| variant |") == 2  # flux and wan tables
+    # --interleave-also: a second diffusers configuration in the turns, its ratio in the note (both models)
+    assert text.count("| interleaved: diffusers compile_repeated_blocks + _native_math |") == 2, text
+    # every interleaved row's note (3 sides x 2 ways x 2 models) names both ratios
+    assert proc.stdout.count("ours / _native_math ") == 12, proc.stdout[-3000:]
+    assert proc.stdout.count("ours / native ") == 12, proc.stdout[-3000:]
+    assert text.count("| interleaved: diffusers compile_repeated_blocks + ") == 4, text
