@@ -38,6 +38,7 @@ from services.families.base import (
 )
 from services.families.cache_spec import CacheSpec
 from services.families.loading import checkpoint_defaults, load_partial_pipeline
+from services.families.step_constants import StepConstant, using
 from services.families.text_limits import tokenizer_budget
 
 PIPELINE_MAX_SEQUENCE_LENGTH = 512
@@ -55,6 +56,9 @@ class WanDenoiser:
     pipe: Any
     transformer: torch.nn.Module
     component: str
+    step_constants: dict[str, StepConstant] | None = None
+    """Constant across a request's steps, computed once in ``prepare``: the rotary tables (they depend on the video's
+    shape only) and the text projection of the prompt embeddings (``condition_embedder.text_embedder``)."""
 
 
 class WanAdapter(FamilyAdapter):
@@ -189,7 +193,14 @@ class WanAdapter(FamilyAdapter):
         # without its VAE the pipeline falls back to 4 / 8: use the checkpoint's VAE config, as the full pipeline does
         pipe.vae_scale_factor_temporal = self.vae_scale_factor_temporal
         pipe.vae_scale_factor_spatial = self.vae_scale_factor_spatial
-        return WanDenoiser(pipe=pipe, transformer=getattr(pipe, component), component=component)
+        return self.denoiser_handle(pipe, component)
+
+    def denoiser_handle(self, pipe: Any, component: str = "transformer") -> WanDenoiser:
+        """A partial WanPipeline (one expert + scheduler) as the denoiser handle ``prepare`` takes."""
+        transformer = getattr(pipe, component)
+        constants = {"rope": StepConstant(transformer.rope),
+                     "text": StepConstant(transformer.condition_embedder.text_embedder)}
+        return WanDenoiser(pipe=pipe, transformer=transformer, component=component, step_constants=constants)
 
     def prepare(self, model: WanDenoiser, params: SamplingParams, conditionings: dict[str, torch.Tensor],
                 negative_conditionings: dict[str, torch.Tensor], initial_latents: torch.Tensor | None,
@@ -229,17 +240,25 @@ class WanAdapter(FamilyAdapter):
         guidance = params.guidance_scale
         if model.component == "transformer_2" and params.guidance_scale_2 is not None:
             guidance = params.guidance_scale_2
+        extras: dict[str, Any] = {"transformer_dtype": dtype}
+        if model.step_constants is not None:  # per branch: the text differs, the rotary tables are shared
+            rope, text = model.step_constants["rope"], model.step_constants["text"]
+            with torch.inference_mode():
+                tables = rope.compute(latents.to(dtype))
+                extras["step_constants"] = {
+                    branch: [(rope, tables), (text, text.compute(inputs["encoder_hidden_states"]))]
+                    for branch, inputs in branch_inputs.items()}
         return DenoiseState(latents=latents, timesteps=scheduler.timesteps, scheduler=scheduler,
                             branch_inputs=branch_inputs, guidance_scale=guidance, do_cfg=do_cfg,
-                            start_step=start_step, end_step=end_step, total_steps=params.steps,
-                            extras={"transformer_dtype": dtype})
+                            start_step=start_step, end_step=end_step, total_steps=params.steps, extras=extras)
 
     def forward(self, model: WanDenoiser, state: DenoiseState, latents: torch.Tensor, step: int,
                 branch: Branch) -> torch.Tensor:
         x = latents.to(state.extras["transformer_dtype"])
         timestep = state.timesteps[step].expand(x.shape[0])
-        return model.transformer(hidden_states=x, timestep=timestep, return_dict=False,
-                                 **state.branch_inputs[branch])[0]
+        with using(state.extras.get("step_constants", {}).get(branch, [])):
+            return model.transformer(hidden_states=x, timestep=timestep, return_dict=False,
+                                     **state.branch_inputs[branch])[0]
 
     def install_attention(self, model: WanDenoiser, ops: Any) -> int:
         from services.families.processors.wan import install

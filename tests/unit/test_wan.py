@@ -47,6 +47,30 @@ def test_wan_processors_equal_diffusers(tiny_wan22: Path) -> None:
         assert torch.equal(ours, ref), component
 
 
+def test_step_constants_are_computed_once_per_request(tiny_wan: Path) -> None:
+    """The rotary tables and the prompt's text projection are computed in ``prepare`` (once; the text once per CFG
+    branch), not in each step's forward, and the result is bit-identical to recomputing them every step."""
+    adapter = load_adapter(tiny_wan)
+    enc = adapter.encode(adapter.load_encoder(torch.float32, CPU), "a red circle", "")
+    model = adapter.load_denoiser(torch.float32, CPU)
+    params = SamplingParams(width=32, height=48, steps=3, guidance_scale=5.0, seed=1, frames=5)
+    calls = {"rope": 0, "text": 0}
+    for name, constant in model.step_constants.items():
+        inner = constant._forward
+
+        def counting(*a, _name=name, _inner=inner, **k):
+            calls[_name] += 1
+            return _inner(*a, **k)
+
+        constant._forward = counting
+    lean = _denoise(adapter, model, enc, params, 0, 3).latents
+    assert calls == {"rope": 1, "text": 2}, calls  # in prepare: one video shape, two branches
+    model.step_constants = None  # the plain path: diffusers' forward computes both in each of the 3 x 2 forwards
+    plain = _denoise(adapter, model, enc, params, 0, 3).latents
+    assert calls == {"rope": 1 + 6, "text": 2 + 6}, calls
+    assert torch.equal(lean, plain)
+
+
 def test_processor_routes_self_and_cross_attention(tiny_wan: Path) -> None:
     """Self-attention goes through ops.joint with q, k, v of the video length; cross-attention through ops.cross
     with K/V of the text length."""
