@@ -40,6 +40,7 @@ from services.families.base import (
 )
 from services.families.cache_spec import CacheSpec
 from services.families.loading import checkpoint_defaults, load_partial_pipeline
+from services.families.step_constants import StepConstant, using
 from services.families.text_limits import check_tokens, tokenizer_budget
 
 PIPELINE_MAX_SEQUENCE_LENGTH = 512
@@ -156,6 +157,11 @@ class QwenImageAdapter(FamilyAdapter):
             raise InvalidArgument(f"{self.checkpoint}: guidance-distilled Qwen-Image transformers (guidance_embeds="
                                   "true) are not supported")
         pipe.vae_scale_factor = self.vae_scale_factor
+        # constant across a request's steps, computed once per request in prepare: the text's input norm and
+        # projection, and the rotary tables (image and text positions)
+        t = pipe.transformer
+        pipe.step_constants = {"txt_norm": StepConstant(t.txt_norm), "txt_in": StepConstant(t.txt_in),
+                               "rope": StepConstant(t.pos_embed)}
         return pipe
 
     def prepare(self, model: Any, params: SamplingParams, conditionings: dict[str, torch.Tensor],
@@ -194,14 +200,27 @@ class QwenImageAdapter(FamilyAdapter):
             inputs[branch] = {"encoder_hidden_states": embeds.to(device=device, dtype=dtype),
                               "encoder_hidden_states_mask": None if mask is None else mask.to(device),
                               "img_shapes": img_shapes, "guidance": None, "attention_kwargs": {}}
+        extras: dict[str, Any] = {}
+        constants = getattr(model, "step_constants", None)
+        if constants is not None:  # per branch: the text (and its length, which places the text's rotary rows)
+            norm, proj, rope = constants["txt_norm"], constants["txt_in"], constants["rope"]
+            served = {}
+            with torch.inference_mode():
+                for branch, branch_inputs in inputs.items():
+                    embeds = branch_inputs["encoder_hidden_states"]
+                    normed = norm.compute(embeds)
+                    tables = rope.compute(img_shapes, max_txt_seq_len=embeds.shape[1], device=device)
+                    served[branch] = [(norm, normed), (proj, proj.compute(normed)), (rope, tables)]
+            extras["step_constants"] = served
         return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, branch_inputs=inputs,
                             guidance_scale=params.guidance_scale, do_cfg=do_cfg, start_step=start_step,
-                            end_step=end_step, total_steps=params.steps)
+                            end_step=end_step, total_steps=params.steps, extras=extras)
 
     def forward(self, model: Any, state: DenoiseState, latents: torch.Tensor, step: int, branch: Branch) -> torch.Tensor:
         timestep = state.timesteps[step].expand(latents.shape[0]).to(latents.dtype)
-        return model.transformer(hidden_states=latents, timestep=timestep / 1000, return_dict=False,
-                                 **state.branch_inputs[branch])[0]
+        with using(state.extras.get("step_constants", {}).get(branch, [])):
+            return model.transformer(hidden_states=latents, timestep=timestep / 1000, return_dict=False,
+                                     **state.branch_inputs[branch])[0]
 
     def combine(self, state: DenoiseState, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """QwenImagePipeline's true CFG: the mix rescaled to the conditional prediction's per-token norm."""

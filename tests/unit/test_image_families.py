@@ -67,6 +67,30 @@ def test_processors_equal_diffusers_bitwise(fixture: str, modules: int, calls_pe
     assert torch.equal(ours, ref)
 
 
+def test_qwen_image_step_constants_are_computed_once_per_request(tiny_qwen_image: Path) -> None:
+    """The text's input norm and projection and the rotary tables are computed in ``prepare`` (once per CFG
+    branch), not in each step's forward; bit-identical to recomputing them every step."""
+    adapter = load_adapter(tiny_qwen_image)
+    model = adapter.load_denoiser(torch.float32, CPU)
+    conds, negs = adapter.warmup_conditionings(model)
+    params = SamplingParams(width=64, height=48, steps=3, guidance_scale=3.0, seed=11)
+    calls = dict.fromkeys(model.step_constants, 0)
+    for name, constant in model.step_constants.items():
+        inner = constant._forward
+
+        def counting(*a, _name=name, _inner=inner, **k):
+            calls[_name] += 1
+            return _inner(*a, **k)
+
+        constant._forward = counting
+    lean = _denoise(adapter, model, conds, negs, params)
+    assert set(calls.values()) == {2}, calls  # in prepare, once per branch
+    del model.step_constants  # the plain path: diffusers' forward computes them in each of the 3 x 2 forwards
+    plain = _denoise(adapter, model, conds, negs, params)
+    assert set(calls.values()) == {2 + 6}, calls
+    assert torch.equal(lean, plain)
+
+
 def test_qwen_image_text_mask_reaches_the_attention_call(tiny_qwen_image: Path) -> None:
     """A padded text mask (the pipeline's batched case) becomes the key-padding mask [B, L + N]; same output as
     diffusers' processor, bitwise, and different from the unmasked call (the mask is not dropped)."""
