@@ -21,6 +21,8 @@ rounding, not bitwise; see tests/e2e/test_family_z_image.py).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -122,6 +124,8 @@ class ZImageAdapter(FamilyAdapter):
                                   "('transformer')")
         pipe = load_partial_pipeline(self, self.denoiser_components, dtype, device)
         pipe.vae_scale_factor = self.vae_scale_factor
+        if len(pipe.transformer.context_refiner):
+            pipe.context_refiner_cache = ContextRefinerCache(pipe.transformer)
         return pipe
 
     def prepare(self, model: Any, params: SamplingParams, conditionings: dict[str, torch.Tensor],
@@ -171,7 +175,11 @@ class ZImageAdapter(FamilyAdapter):
         transformer = model.transformer
         timestep = (1000 - state.timesteps[step].expand(latents.shape[0])) / 1000
         x = list(latents.to(transformer.dtype).unsqueeze(2).unbind(dim=0))
-        out = transformer(x, timestep, state.branch_inputs[branch]["cap_feats"], return_dict=False)[0]
+        refiner = getattr(model, "context_refiner_cache", None)
+        served = refiner.serve(state.extras.setdefault("refined_context", {}), branch) if refiner is not None \
+            else contextlib.nullcontext()
+        with served:
+            out = transformer(x, timestep, state.branch_inputs[branch]["cap_feats"], return_dict=False)[0]
         return torch.stack([o.float() for o in out], dim=0)
 
     def combine(self, state: DenoiseState, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
@@ -266,3 +274,62 @@ class ZImageAdapter(FamilyAdapter):
             image = vae.decode(x, return_dict=False)[0]
             image = model.image_processor.postprocess(image, output_type="pt")
         return self.to_uint8_frames(image)
+
+
+class ContextRefinerCache:
+    """Z-Image's context refiner: transformer blocks without timestep modulation over the caption tokens (two in
+    Z-Image-Turbo), so their output is the same at every step of a request. It is computed on a request's first step
+    (per CFG branch: a forward hook on the last refiner block keeps a copy) and served on the others, where the
+    refiner blocks are replaced, for that forward only, by one module that returns the kept output. The transformer's
+    own code runs unchanged around it (caption embedding, padding, rotary tables, the unified sequence), and the
+    result is bit-identical: the same blocks computed the value from the same inputs. Real size (30 main + 2 noise +
+    2 context blocks, caption padded to 512 tokens) that is ~0.7 % of a step's FLOPs, at small-GEMM efficiency.
+
+    The copy matters: under CUDA graphs a compiled block's output lives in the graph's memory pool and the next
+    replay of that graph (another request's first step) would overwrite it."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+        self._sink: list[torch.Tensor] | None = None
+        transformer.context_refiner[-1].register_forward_hook(self._keep)
+
+    def _keep(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._sink is not None:
+            self._sink.append(output.clone())
+
+    @contextlib.contextmanager
+    def serve(self, kept: dict[str, torch.Tensor], branch: str) -> Iterator[None]:
+        """Around one forward of ``branch``: keep the refiner's output in ``kept`` (the request's, per branch) the
+        first time, serve it afterwards."""
+        t = self.transformer
+        if branch in kept:
+            layers = t.context_refiner
+            t.context_refiner = torch.nn.ModuleList([_KeptOutput(kept[branch])])
+            try:
+                yield
+            finally:
+                t.context_refiner = layers
+            return
+        sink: list[torch.Tensor] = []
+        self._sink = sink
+        try:
+            yield
+        finally:
+            self._sink = None
+        if sink:
+            kept[branch] = sink[-1]
+
+
+class _KeptOutput(torch.nn.Module):
+    """Stands in for the context refiner blocks: returns their kept output (the caption sequence's shape cannot
+    change within a request; checked)."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, cap_feats: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if cap_feats.shape != self.value.shape:
+            raise RuntimeError(f"the kept context refiner output has shape {list(self.value.shape)}, this forward's "
+                               f"caption sequence {list(cap_feats.shape)}")
+        return self.value

@@ -46,12 +46,12 @@ class CountingOps:
         return AttentionOps(joint=self.joint, cross=self.joint)
 
 
-@pytest.mark.parametrize(("fixture", "modules", "calls_per_forward"), [
-    ("tiny_flux2_klein_base", 3, 3),  # 1 double-stream + 2 single-stream blocks
-    ("tiny_qwen_image", 2, 2),  # 2 double-stream blocks
-    ("tiny_z_image", 4, 4),  # 1 noise refiner + 1 context refiner + 2 main blocks
+@pytest.mark.parametrize(("fixture", "modules", "calls_per_forward", "once_per_branch"), [
+    ("tiny_flux2_klein_base", 3, 3, 0),  # 1 double-stream + 2 single-stream blocks
+    ("tiny_qwen_image", 2, 2, 0),  # 2 double-stream blocks
+    ("tiny_z_image", 4, 4, 1),  # 1 noise refiner + 1 context refiner (first step only) + 2 main blocks
 ])
-def test_processors_equal_diffusers_bitwise(fixture: str, modules: int, calls_per_forward: int,
+def test_processors_equal_diffusers_bitwise(fixture: str, modules: int, calls_per_forward: int, once_per_branch: int,
                                             request: pytest.FixtureRequest) -> None:
     """A whole CFG denoising run with our processors == with diffusers' processors, bitwise (CPU fp32)."""
     checkpoint: Path = request.getfixturevalue(fixture)
@@ -63,7 +63,8 @@ def test_processors_equal_diffusers_bitwise(fixture: str, modules: int, calls_pe
     counting = CountingOps()
     assert adapter.install_attention(model, counting.ops()) == modules
     ours = _denoise(adapter, model, conds, negs, params)
-    assert counting.calls == calls_per_forward * 2 * params.steps  # both CFG branches, every step
+    # both CFG branches, every step (Z-Image's context refiner: the first step of each branch, see ContextRefinerCache)
+    assert counting.calls == (calls_per_forward - once_per_branch) * 2 * params.steps + once_per_branch * 2
     assert torch.equal(ours, ref)
 
 
@@ -88,6 +89,27 @@ def test_qwen_image_step_constants_are_computed_once_per_request(tiny_qwen_image
     del model.step_constants  # the plain path: diffusers' forward computes them in each of the 3 x 2 forwards
     plain = _denoise(adapter, model, conds, negs, params)
     assert set(calls.values()) == {2 + 6}, calls
+    assert torch.equal(lean, plain)
+
+
+def test_z_image_context_refiner_runs_once_per_request_and_branch(tiny_z_image: Path) -> None:
+    """The context refiner (unmodulated blocks over the caption) runs on a request's first step per CFG branch; its
+    kept output is served on the later steps; bit-identical to running it every step."""
+    adapter = load_adapter(tiny_z_image)
+    model = adapter.load_denoiser(torch.float32, CPU)
+    conds, negs = adapter.warmup_conditionings(model)
+    params = SamplingParams(width=64, height=48, steps=3, guidance_scale=3.0, seed=11)
+    refiners = list(model.transformer.context_refiner)
+    assert refiners, "the tiny Z-Image checkpoint has a context refiner"
+    calls = [0] * len(refiners)
+    for i, layer in enumerate(refiners):
+        layer.register_forward_pre_hook(lambda *_, _i=i: calls.__setitem__(_i, calls[_i] + 1))
+    lean = _denoise(adapter, model, conds, negs, params)
+    assert calls == [2] * len(refiners), calls  # the first step of each branch
+    assert list(model.transformer.context_refiner) == refiners  # the blocks are back after every forward
+    del model.context_refiner_cache  # the plain path: every forward runs the refiner
+    plain = _denoise(adapter, model, conds, negs, params)
+    assert calls == [2 + 2 * params.steps] * len(refiners), calls
     assert torch.equal(lean, plain)
 
 

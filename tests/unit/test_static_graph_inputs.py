@@ -71,7 +71,12 @@ def test_static_inputs_of_compiled_blocks_keep_their_addresses_across_requests(f
         torch._dynamo.reset()
     assert sum(probe.static_counts) > 0  # the parameters at least: the probe sees what dynamo marks static
     assert len(per_step[0]) >= len(blocks)
+    steps = len(per_step) // len(jobs)
     for i, calls in enumerate(per_step[1:], start=1):
-        moved = [j for j, (a, b) in enumerate(zip(per_step[0], calls, strict=True)) if a != b]
-        assert not moved, (f"step {i} (request r{i // 2}): the static inputs of compiled block calls {moved} are at "
-                           f"other addresses than in the first step; under CUDA graphs each would be recorded again")
+        # a step calls the blocks the first step called (Z-Image's context refiner: the first step of a request only,
+        # so a later step is compared with the same step of the first request)
+        same = per_step[0] if len(calls) == len(per_step[0]) else per_step[i % steps]
+        moved = [j for j, (a, b) in enumerate(zip(same, calls, strict=True)) if a != b]
+        assert not moved, (f"step {i} (request r{i // steps}): the static inputs of compiled block calls {moved} are "
+                           f"at other addresses than in the first request; under CUDA graphs each would be recorded "
+                           f"again")
