@@ -18,6 +18,7 @@ from services.families.processors.z_image import install as install_z
 from services.proto.chitu.v1 import generation_pb2
 from services.registry import load_adapter
 from tests.image_family_helpers import pipeline_reference
+from tests.step_constant_helpers import count_calls
 
 CPU = torch.device("cpu")
 
@@ -75,15 +76,7 @@ def test_qwen_image_step_constants_are_computed_once_per_request(tiny_qwen_image
     model = adapter.load_denoiser(torch.float32, CPU)
     conds, negs = adapter.warmup_conditionings(model)
     params = SamplingParams(width=64, height=48, steps=3, guidance_scale=3.0, seed=11)
-    calls = dict.fromkeys(model.step_constants, 0)
-    for name, constant in model.step_constants.items():
-        inner = constant._forward
-
-        def counting(*a, _name=name, _inner=inner, **k):
-            calls[_name] += 1
-            return _inner(*a, **k)
-
-        constant._forward = counting
+    calls = count_calls(model.step_constants)
     lean = _denoise(adapter, model, conds, negs, params)
     assert set(calls.values()) == {2}, calls  # in prepare, once per branch
     del model.step_constants  # the plain path: diffusers' forward computes them in each of the 3 x 2 forwards

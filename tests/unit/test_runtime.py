@@ -33,6 +33,7 @@ from services.runtime import (
     undo_regional_compile,
     unfuse_gelu_epilogues,
 )
+from tests.step_constant_helpers import count_calls
 from tests.workers import start_worker
 
 CPU = torch.device("cpu")
@@ -153,15 +154,7 @@ def test_step_constants_are_computed_once_per_request(flux) -> None:
                **{f"modulation{i}": p for i, p in enumerate(table.projections)}}
     t = model.transformer
     assert len(table.projections) == 2 * len(t.transformer_blocks) + len(t.single_transformer_blocks) + 1
-    calls = dict.fromkeys(wrapped, 0)
-    for name, constant in wrapped.items():
-        inner = constant._forward
-
-        def counting(*a, _name=name, _inner=inner, **k):
-            calls[_name] += 1
-            return _inner(*a, **k)
-
-        constant._forward = counting
+    calls = count_calls(wrapped)
     lean = _denoise(adapter, model, conds)
     assert set(calls.values()) == {1}, calls  # in prepare, not in the 3 forwards
     del model.step_constants, model.step_table  # the plain path: diffusers computes them in every forward

@@ -17,6 +17,7 @@ from services.errors import InvalidArgument
 from services.families.base import SamplingParams
 from services.registry import load_adapter
 from services.tiny.wan import real_size_configs
+from tests.step_constant_helpers import count_calls
 
 CPU = torch.device("cpu")
 
@@ -54,15 +55,7 @@ def test_step_constants_are_computed_once_per_request(tiny_wan: Path) -> None:
     enc = adapter.encode(adapter.load_encoder(torch.float32, CPU), "a red circle", "")
     model = adapter.load_denoiser(torch.float32, CPU)
     params = SamplingParams(width=32, height=48, steps=3, guidance_scale=5.0, seed=1, frames=5)
-    calls = {"rope": 0, "text": 0}
-    for name, constant in model.step_constants.items():
-        inner = constant._forward
-
-        def counting(*a, _name=name, _inner=inner, **k):
-            calls[_name] += 1
-            return _inner(*a, **k)
-
-        constant._forward = counting
+    calls = count_calls(model.step_constants)
     lean = _denoise(adapter, model, enc, params, 0, 3).latents
     assert calls == {"rope": 1, "text": 2}, calls  # in prepare: one video shape, two branches
     model.step_constants = None  # the plain path: diffusers' forward computes both in each of the 3 x 2 forwards
