@@ -535,9 +535,8 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         if row and (best_ours is None or row.seconds < best_ours[0].seconds):
             best_ours = (row, crt)
     if twins and best_ours is not None and bench.left() > 60:
-        if (best_name or "native") in also_backends(args):  # it is the strongest already: one twin less
-            twins.pop()
-        interleaved(bench, case, twins, best_name, ops, best_ours[1], ref, args)
+        names = interleaved_backends(best_name, args)
+        interleaved(bench, case, twins[:len(names)], names, ops, best_ours[1], ref, args)
     twins = []
     # lossy compiled (reported separately)
     sage = [b for b in usable if b.constraints.lossy]
@@ -554,14 +553,13 @@ def run_case(bench: Bench, case: ModelCase, lossy_ok: bool, extra: tuple | None,
         service_steps(bench, case, extra, best_ours[1], args)
 
 
-def interleaved(bench: Bench, case: ModelCase, twins: list[torch.nn.Module], best_name: str | None,
+def interleaved(bench: Bench, case: ModelCase, twins: list[torch.nn.Module], names: list[str | None],
                 ops: AttentionOps, crt: RuntimeConfig, ref: torch.Tensor, args) -> None:
-    """The headline rows measured in turns: diffusers' strongest configuration (on ``twins[0]``), any further
-    diffusers configurations of ``--interleave-also`` (one twin each) and ours (the fastest compiled row), all
-    compiled and resident, timed in turns for ``args.interleave`` rounds (the order rotates each round). The rows
-    above run one after the other, minutes apart, while the card's power limiter moves its clock (``gpu_clocks``):
-    timed in turns every side sees the same clock."""
-    names = [best_name] + [n for n in also_backends(args) if n != (best_name or "native")]
+    """The headline rows measured in turns: diffusers with each attention backend of ``names`` (its strongest first,
+    then those of ``--interleave-also``; one twin each) and ours (the fastest compiled row), all compiled and
+    resident, timed in turns for ``args.interleave`` rounds (the order rotates each round). The rows above run one
+    after the other, minutes apart, while the card's power limiter moves its clock (``gpu_clocks``): timed in turns
+    every side sees the same clock."""
     sides: list[tuple[str, Callable[[], torch.Tensor]]] = []
     for twin, name in zip(twins, names, strict=True):
         set_diffusers_backend(twin, name)
@@ -602,6 +600,12 @@ def interleaved(bench: Bench, case: ModelCase, twins: list[torch.nn.Module], bes
 def also_backends(args) -> list[str]:
     """``--interleave-also``: further diffusers attention backends timed in the interleaved rounds."""
     return [n for n in args.interleave_also.split(",") if n]
+
+
+def interleaved_backends(best_name: str | None, args) -> list[str | None]:
+    """diffusers' backends in the interleaved rounds: the strongest (None: its default), then ``--interleave-also``'s
+    others."""
+    return [best_name] + [n for n in also_backends(args) if n != (best_name or "native")]
 
 
 def graph_steps(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:

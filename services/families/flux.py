@@ -30,7 +30,7 @@ from services.families.base import (
 )
 from services.families.cache_spec import CacheSpec, block_counts
 from services.families.loading import checkpoint_defaults, load_partial_pipeline, vae_scale_factor
-from services.families.step_constants import StepConstant, StepTable, using
+from services.families.step_constants import StepConstant, StepTable, served, using
 from services.families.text_limits import tokenizer_budget
 
 
@@ -243,11 +243,11 @@ class FluxAdapter(FamilyAdapter):
     def forward(self, model: Any, state: DenoiseState, latents: torch.Tensor, step: int, branch: Branch) -> torch.Tensor:
         # no host-device synchronisation: the timestep is indexed on the device, constants come from prepare
         timestep = state.timesteps[step].expand(latents.shape[0]).to(latents.dtype)
-        served = state.extras.get("step_constants", {}).get(branch, [])
+        pairs = served(state, branch)
         tables = state.extras.get("step_tables", {}).get(branch)
         if tables is not None and state.start_step <= step < state.end_step:
-            served = [*served, *tables.rows(step - state.start_step, latents.shape[0])]
-        with using(served):
+            pairs = [*pairs, *tables.rows(step - state.start_step, latents.shape[0])]
+        with using(pairs):
             return model.transformer(hidden_states=latents, timestep=timestep / 1000, return_dict=False,
                                      **state.branch_inputs[branch])[0]
 

@@ -40,7 +40,7 @@ from services.families.base import (
 )
 from services.families.cache_spec import CacheSpec
 from services.families.loading import checkpoint_defaults, load_partial_pipeline
-from services.families.step_constants import StepConstant, using
+from services.families.step_constants import StepConstant, served, using
 from services.families.text_limits import check_tokens, tokenizer_budget
 
 PIPELINE_MAX_SEQUENCE_LENGTH = 512
@@ -204,21 +204,21 @@ class QwenImageAdapter(FamilyAdapter):
         constants = getattr(model, "step_constants", None)
         if constants is not None:  # per branch: the text (and its length, which places the text's rotary rows)
             norm, proj, rope = constants["txt_norm"], constants["txt_in"], constants["rope"]
-            served = {}
+            per_branch = {}
             with torch.inference_mode():
                 for branch, branch_inputs in inputs.items():
                     embeds = branch_inputs["encoder_hidden_states"]
                     normed = norm.compute(embeds)
                     tables = rope.compute(img_shapes, max_txt_seq_len=embeds.shape[1], device=device)
-                    served[branch] = [(norm, normed), (proj, proj.compute(normed)), (rope, tables)]
-            extras["step_constants"] = served
+                    per_branch[branch] = [(norm, normed), (proj, proj.compute(normed)), (rope, tables)]
+            extras["step_constants"] = per_branch
         return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, branch_inputs=inputs,
                             guidance_scale=params.guidance_scale, do_cfg=do_cfg, start_step=start_step,
                             end_step=end_step, total_steps=params.steps, extras=extras)
 
     def forward(self, model: Any, state: DenoiseState, latents: torch.Tensor, step: int, branch: Branch) -> torch.Tensor:
         timestep = state.timesteps[step].expand(latents.shape[0]).to(latents.dtype)
-        with using(state.extras.get("step_constants", {}).get(branch, [])):
+        with using(served(state, branch)):
             return model.transformer(hidden_states=latents, timestep=timestep / 1000, return_dict=False,
                                      **state.branch_inputs[branch])[0]
 

@@ -50,6 +50,12 @@ class StepConstant:
             self._value = previous
 
 
+def served(state: Any, branch: str) -> list[tuple[StepConstant, Any]]:
+    """The (constant, value) pairs ``prepare`` put in ``state.extras["step_constants"]`` for ``branch`` (none when the
+    model has no step constants)."""
+    return state.extras.get("step_constants", {}).get(branch, [])
+
+
 @contextlib.contextmanager
 def using(pairs: list[tuple[StepConstant, Any]]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:

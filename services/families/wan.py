@@ -38,7 +38,7 @@ from services.families.base import (
 )
 from services.families.cache_spec import CacheSpec
 from services.families.loading import checkpoint_defaults, load_partial_pipeline
-from services.families.step_constants import StepConstant, using
+from services.families.step_constants import StepConstant, served, using
 from services.families.text_limits import tokenizer_budget
 
 PIPELINE_MAX_SEQUENCE_LENGTH = 512
@@ -193,10 +193,6 @@ class WanAdapter(FamilyAdapter):
         # without its VAE the pipeline falls back to 4 / 8: use the checkpoint's VAE config, as the full pipeline does
         pipe.vae_scale_factor_temporal = self.vae_scale_factor_temporal
         pipe.vae_scale_factor_spatial = self.vae_scale_factor_spatial
-        return self.denoiser_handle(pipe, component)
-
-    def denoiser_handle(self, pipe: Any, component: str = "transformer") -> WanDenoiser:
-        """A partial WanPipeline (one expert + scheduler) as the denoiser handle ``prepare`` takes."""
         transformer = getattr(pipe, component)
         constants = {"rope": StepConstant(transformer.rope),
                      "text": StepConstant(transformer.condition_embedder.text_embedder)}
@@ -244,7 +240,7 @@ class WanAdapter(FamilyAdapter):
         if model.step_constants is not None:  # per branch: the text differs, the rotary tables are shared
             rope, text = model.step_constants["rope"], model.step_constants["text"]
             with torch.inference_mode():
-                tables = rope.compute(latents.to(dtype))
+                tables = rope.compute(latents)  # the tables depend on its shape only
                 extras["step_constants"] = {
                     branch: [(rope, tables), (text, text.compute(inputs["encoder_hidden_states"]))]
                     for branch, inputs in branch_inputs.items()}
@@ -256,7 +252,7 @@ class WanAdapter(FamilyAdapter):
                 branch: Branch) -> torch.Tensor:
         x = latents.to(state.extras["transformer_dtype"])
         timestep = state.timesteps[step].expand(x.shape[0])
-        with using(state.extras.get("step_constants", {}).get(branch, [])):
+        with using(served(state, branch)):
             return model.transformer(hidden_states=x, timestep=timestep, return_dict=False,
                                      **state.branch_inputs[branch])[0]
 
